@@ -1,0 +1,3 @@
+from fastboot.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The `fastboot` command line: a thin layer over fastboot's programmatic API."""

@@ -1,0 +1,77 @@
+"""`fastboot` entry point: a lazy subcommand dispatcher.
+
+Only the selected command's module is imported (the others are registered as bare stubs so that
+`fastboot --help` still lists them), so the CLI starts fast and never imports torch or vllm
+unless the chosen command needs it.
+
+A command module provides:
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None
+    def run(args: argparse.Namespace) -> int
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from fastboot import __version__, logs
+from fastboot.errors import FastbootError
+
+logger = logging.getLogger(__name__)
+
+#: name -> (module, one-line help). Register only commands that work.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "doctor": (
+        "fastboot.cli.doctor",
+        "Check what this host can do and say how to fix what it can't.",
+    ),
+    "model": ("fastboot.cli.model", "Write local test models (deterministic, nothing downloaded)."),
+    "install-criu": (
+        "fastboot.cli.install_criu",
+        "Install CRIU >= 4.2 into a private prefix (root).",
+    ),
+}
+
+
+def build_parser(selected: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastboot",
+        description="LLM inference replicas that start in seconds.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--version", action="version", version=f"fastboot {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        if name == selected:
+            module = importlib.import_module(module_name)
+            sub = subparsers.add_parser(
+                name, help=help_text, description=help_text, allow_abbrev=False
+            )
+            module.add_arguments(sub)
+            sub.set_defaults(run=module.run)
+        else:
+            subparsers.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    selected = next((a for a in args_list if not a.startswith("-")), None)
+    parser = build_parser(selected if selected in COMMANDS else None)
+    args = parser.parse_args(args_list)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 2 if args_list else 0
+    logs.configure()
+    try:
+        code: int = args.run(args)
+    except FastbootError as exc:
+        logger.error("%s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code

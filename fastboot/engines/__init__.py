@@ -1,0 +1,1 @@
+"""Engine adapters: how fastboot launches and talks to vLLM and SGLang."""

@@ -1,0 +1,49 @@
+"""Every FASTBOOT_* environment variable, in one place.
+
+Read through the functions below (not os.environ directly) so the names, defaults and meaning
+live here only.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: Where `fastboot install-criu` puts a private CRIU when the system's is too old.
+DEFAULT_CRIU_PREFIX = Path("/opt/fastboot/criu")
+
+
+def criu_override() -> str | None:
+    """FASTBOOT_CRIU: path of the criu executable to use, instead of searching for one."""
+    return os.environ.get("FASTBOOT_CRIU") or None
+
+
+def criu_prefix() -> Path:
+    """FASTBOOT_CRIU_PREFIX: where a private CRIU is installed (default /opt/fastboot/criu)."""
+    return Path(os.environ.get("FASTBOOT_CRIU_PREFIX") or DEFAULT_CRIU_PREFIX)
+
+
+def log_level() -> str:
+    """FASTBOOT_LOG_LEVEL: level of fastboot's own log lines (default INFO)."""
+    return os.environ.get("FASTBOOT_LOG_LEVEL", "INFO").upper()
+
+
+def home() -> Path:
+    """FASTBOOT_HOME: fastboot's state (snapshots, caches). Default: /var/lib/fastboot for root,
+    else $XDG_STATE_HOME/fastboot (~/.local/state/fastboot)."""
+    if value := os.environ.get("FASTBOOT_HOME"):
+        return Path(value)
+    if os.geteuid() == 0:
+        return Path("/var/lib/fastboot")
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "fastboot"
+
+
+#: Set by fastboot in the environment of an engine it launched. The engine-side plugin
+#: (fastboot_patches) stays inert unless it is present. patches/report.py repeats both names:
+#: it runs inside the engine and imports nothing from fastboot.
+ENGINE_CHILD = "FASTBOOT_ENGINE_CHILD"
+
+#: Set by fastboot to a file where the engine-side plugin appends one line per process that
+#: loaded it, so the launcher can verify the plugin really ran (engines swallow plugin errors).
+PLUGIN_REPORT = "FASTBOOT_PLUGIN_REPORT"

@@ -1,0 +1,46 @@
+"""Every error fastboot raises on purpose.
+
+    FastbootError                 base: the message says what happened and what to do next
+    ├── UsageError                a command line or argument that cannot work
+    ├── DependencyError           a tool, package or kernel feature this host lacks
+    │   └── CriuMissingError      no CRIU >= 4.2 could be found
+    └── CriuError                 a CRIU command failed (operation, log path, CRIU's own words)
+
+Foreign exceptions (OSError, subprocess errors) are translated into these at exactly one
+boundary, with `raise ... from exc`, so callers handle one tree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class FastbootError(Exception):
+    """Base of every error fastboot raises on purpose."""
+
+
+class UsageError(FastbootError):
+    """A command line or argument that cannot work as given."""
+
+
+class DependencyError(FastbootError):
+    """A tool, Python package or kernel feature that this host lacks."""
+
+
+class CriuMissingError(DependencyError):
+    """No usable CRIU (>= the minimum version) was found."""
+
+
+class CriuError(FastbootError):
+    """A CRIU operation failed.
+
+    Carries the operation ("dump", "restore", "check"), the CRIU log (if any) and the most telling
+    line CRIU wrote, so the message can be acted on without opening the log.
+    """
+
+    def __init__(self, operation: str, message: str, log_path: Path | None = None) -> None:
+        self.operation = operation
+        self.criu_message = message
+        self.log_path = log_path
+        where = f" (log: {log_path})" if log_path else ""
+        super().__init__(f"criu {operation} failed: {message}{where}")

@@ -1,0 +1,1 @@
+"""Process snapshots: CRIU checkpoint/restore of engine process trees."""
