@@ -101,17 +101,25 @@ def sysctl_value() -> int | None:
         return None
 
 
-def wrap(argv: list[str]) -> list[str]:
-    """`argv` run through the io_uring blocker with the current interpreter."""
-    return [sys.executable, "-m", "fastboot.snapshot.iouring", "--", *argv]
+def wrap(argv: list[str], setsid: bool = False) -> list[str]:
+    """`argv` run through the io_uring blocker with the current interpreter.
+
+    setsid: also start a new session first. CRIU refuses to dump a pid namespace whose init's
+    session leader lives outside it ("A session leader of N(1) is outside of its pid namespace").
+    """
+    return [sys.executable, "-m", "fastboot.snapshot.iouring", *(["--setsid"] * setsid), "--", *argv]
 
 
 def main(argv: list[str]) -> int:
+    setsid = argv[:1] == ["--setsid"]
+    argv = argv[1:] if setsid else argv
     if argv[:1] == ["--"]:
         argv = argv[1:]
     if not argv:
-        print("usage: python -m fastboot.snapshot.iouring -- CMD [ARGS...]", file=sys.stderr)
+        print("usage: python -m fastboot.snapshot.iouring [--setsid] -- CMD [ARGS...]", file=sys.stderr)
         return 2
+    if setsid and os.getsid(0) != os.getpid():
+        os.setsid()
     block_io_uring()
     os.execvp(argv[0], argv)
 
