@@ -8,6 +8,8 @@ A command module provides:
 
     def add_arguments(parser: argparse.ArgumentParser) -> None
     def run(args: argparse.Namespace) -> int
+    PASSTHROUGH = True   (optional) argparse does not parse the command's arguments: they
+                         arrive verbatim as args.argv (`serve` forwards them to the engine)
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 #: name -> (module, one-line help). Register only commands that work.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("fastboot.cli.serve", "Serve MODEL like `vllm serve`, restored from a snapshot."),
+    "snapshot": ("fastboot.cli.snapshot", "List, inspect, verify and remove snapshots."),
     "doctor": (
         "fastboot.cli.doctor",
         "Check what this host can do and say how to fix what it can't.",
@@ -58,11 +62,21 @@ def build_parser(selected: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str], selected: str | None
+           ) -> argparse.Namespace:  # fmt: skip
+    if selected in COMMANDS:
+        module = importlib.import_module(COMMANDS[selected][0])
+        rest = argv[argv.index(selected) + 1 :]
+        if getattr(module, "PASSTHROUGH", False) and rest not in (["-h"], ["--help"]):
+            return argparse.Namespace(command=selected, argv=rest, run=module.run)
+    return parser.parse_args(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     selected = next((a for a in args_list if not a.startswith("-")), None)
     parser = build_parser(selected if selected in COMMANDS else None)
-    args = parser.parse_args(args_list)
+    args = _parse(parser, args_list, selected)
     if not getattr(args, "run", None):
         parser.print_help()
         return 2 if args_list else 0

@@ -113,3 +113,67 @@ def find_criu() -> Criu:
 def provision_script() -> Path:
     """The shipped script that installs a private CRIU (see its header)."""
     return Path(__file__).with_name("provision-criu.sh")
+
+
+#: Options for dumping and restoring an engine tree (measured on vLLM's CPU tree):
+#: --shell-job: the tree has its own session, but CRIU still sees a controlling-terminal-less
+#:   session leader; --tcp-established: the API server's sockets; --ext-unix-sk: ZMQ ipc://
+#:   sockets whose peers may be outside a partially dumped tree; --file-locks: torch/vLLM locks;
+#: --link-remap: multiprocessing semaphores are unlinked /dev/shm files that stay mapped.
+TREE_OPTIONS = ("--shell-job", "--tcp-established", "--ext-unix-sk", "--file-locks", "--link-remap")
+
+
+def _run_criu(
+    criu: Criu,
+    operation: str,
+    argv: list[str],
+    images: Path,
+    workdir: Path,
+    pass_fds: tuple[int, ...] = (),
+    timeout: float = 600,
+) -> None:
+    """Run one CRIU operation. Logs and stats go to workdir, never into the images: a published
+    snapshot is immutable (its manifest lists every file), and restores may run concurrently."""
+    log = workdir / f"{operation}.log"
+    command = [
+        criu.path, operation, "--images-dir", str(images), "--work-dir", str(workdir),
+        "--log-file", str(log), "-v4", *TREE_OPTIONS, *argv,
+    ]  # fmt: skip
+    logger.debug("running %s", " ".join(command))
+    try:
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, pass_fds=pass_fds,
+            check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise CriuError(operation, str(exc), log) from exc
+    if result.returncode != 0:
+        raise CriuError(operation, _first_error(log, result.stderr), log)
+
+
+def _first_error(log: Path, stderr: str) -> str:
+    """CRIU's most telling line: the first Error that is not the harmless rlimit warning."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        lines = stderr.splitlines()
+    errors = [ln for ln in lines if "Error" in ln and "RLIMIT_NOFILE" not in ln]
+    return (errors or lines or ["no output"])[0].strip()
+
+
+def dump(criu: Criu, tree_pid: int, images: Path, workdir: Path) -> None:
+    """Dump the tree rooted at tree_pid into images; the tree is killed when the dump succeeds
+    (on failure CRIU resumes it). Not --leave-running: with it CRIU removes the link-remap files
+    that a restore needs."""
+    images.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _run_criu(criu, "dump", ["--tree", str(tree_pid)], images, workdir)
+
+
+def restore(criu: Criu, images: Path, workdir: Path, stdio_pipe: str, stdio_fd: int) -> int:
+    """Restore detached; the engine's stdout/stderr pipe is replaced by stdio_fd (the write end of
+    a new pipe). Returns the restored root's pid (a child of the nearest subreaper)."""
+    pidfile = workdir / "restored.pid"
+    argv = ["--restore-detached", "--pidfile", str(pidfile)]
+    argv += ["--inherit-fd", f"fd[{stdio_fd}]:{stdio_pipe}"]
+    _run_criu(criu, "restore", argv, images, workdir, pass_fds=(stdio_fd,))
+    return int(pidfile.read_text().strip())

@@ -107,7 +107,14 @@ def wrap(argv: list[str], setsid: bool = False) -> list[str]:
     setsid: also start a new session first. CRIU refuses to dump a pid namespace whose init's
     session leader lives outside it ("A session leader of N(1) is outside of its pid namespace").
     """
-    return [sys.executable, "-m", "fastboot.snapshot.iouring", *(["--setsid"] * setsid), "--", *argv]
+    return [
+        sys.executable,
+        "-m",
+        "fastboot.snapshot.iouring",
+        *(["--setsid"] * setsid),
+        "--",
+        *argv,
+    ]
 
 
 def main(argv: list[str]) -> int:
@@ -116,7 +123,10 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["--"]:
         argv = argv[1:]
     if not argv:
-        print("usage: python -m fastboot.snapshot.iouring [--setsid] -- CMD [ARGS...]", file=sys.stderr)
+        print(
+            "usage: python -m fastboot.snapshot.iouring [--setsid] -- CMD [ARGS...]",
+            file=sys.stderr,
+        )
         return 2
     if setsid and os.getsid(0) != os.getpid():
         os.setsid()

@@ -1,0 +1,43 @@
+"""`fastboot serve MODEL [vllm serve flags] [--fastboot-... flags]`: `vllm serve`, restored."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fastboot.cli.passthrough import FlagSpec, split_serve_argv
+
+FLAGS = [
+    FlagSpec("snapshot-dir", "where snapshots live (default $FASTBOOT_HOME/snapshots)", True),
+    FlagSpec("no-snapshot", "plain cold boot: read and write no snapshot"),
+    FlagSpec("refresh", "ignore an existing snapshot and make a new one"),
+]
+
+PASSTHROUGH = True
+USAGE = "fastboot serve MODEL [vllm serve flags] [--fastboot-FLAG ...] [-- engine flags]"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.usage = USAGE
+    parser.epilog = "fastboot flags:\n" + "\n".join(
+        f"  {f.flag}{' VALUE' if f.takes_value else ''}\n      {f.help}" for f in FLAGS
+    ) + "\n\nEverything else is passed to `vllm serve` verbatim, in order."  # fmt: skip
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("argv", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastboot.serve import ServeConfig, serve
+
+    split = split_serve_argv(args.argv, FLAGS)
+    snapshot_dir = split.fastboot.get("snapshot-dir")
+    config = ServeConfig(
+        model=split.model,
+        engine_argv=split.engine_argv,
+        host=split.host,
+        port=split.port,
+        snapshot_dir=Path(str(snapshot_dir)) if snapshot_dir else None,
+        snapshot=not split.fastboot.get("no-snapshot"),
+        refresh=bool(split.fastboot.get("refresh")),
+    )
+    return serve(config)

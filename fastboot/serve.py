@@ -1,0 +1,298 @@
+"""`fastboot serve`: a drop-in for `vllm serve` that restores a warmed engine from a snapshot.
+
+    serve(config)
+      ├─ snapshot for this key, verified, compatible?  -> restore, oracle, serve
+      │     (any failure: log why, stop what was restored, fall through to a cold boot)
+      └─ cold boot -> ready -> warm up -> oracle -> dump -> publish -> restore -> oracle -> serve
+            (dump failure: CRIU resumed the engine; serve it and log why there is no snapshot)
+
+Fail open to a cold boot, never to a wrong answer: a restored engine serves only after it
+reproduced the oracle's token ids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from fastboot import __version__, envs
+from fastboot.engines import vllm
+from fastboot.errors import CriuMissingError, FastbootError, UsageError
+from fastboot.snapshot import criu as criu_mod
+from fastboot.snapshot import fingerprint, shm
+from fastboot.snapshot.store import Manifest, SnapshotId, Store, file_digest
+from fastboot.supervisor import EngineTree, become_subreaper, stdout_sink, tree_pids
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What `fastboot serve` was asked to do."""
+
+    model: str
+    """MODEL as given (a local directory or a hub name)."""
+    engine_argv: list[str]
+    """Flags for the engine, verbatim."""
+    host: str | None = None
+    """--host as given to the engine (read only)."""
+    port: int | None = None
+    """--port as given to the engine (read only)."""
+    snapshot_dir: Path | None = None
+    """Where snapshots live (default $FASTBOOT_HOME/snapshots)."""
+    snapshot: bool = True
+    """False: plain cold boot, no snapshot read or written."""
+    refresh: bool = False
+    """True: ignore an existing snapshot and make a new one."""
+    ready_timeout_s: float = 900.0
+    """How long a cold boot may take to answer."""
+    restore_timeout_s: float = 120.0
+    """How long a restored engine may take to answer."""
+
+    @property
+    def store(self) -> Store:
+        return Store(self.snapshot_dir or envs.home() / "snapshots")
+
+    @property
+    def url(self) -> str:
+        return vllm.base_url(self.host, self.port)
+
+
+class _Stop(Exception):
+    """SIGINT/SIGTERM arrived: stop the engine and exit."""
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def _already_stopping(signum: int, frame: FrameType | None) -> None:
+    logger.info("%s: already stopping the engine", signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _captured_signals(handler: Any = _raise_stop) -> Iterator[None]:
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def model_identity(model: str) -> dict[str, Any]:
+    """A local model by the digest of its files; a hub name as given."""
+    path = Path(model)
+    if not path.is_dir():
+        return {"name": model}
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path)}\0{file.stat().st_size}\0".encode())
+        digest.update(file_digest(file).encode())
+    return {"path": str(path.resolve()), "content": digest.hexdigest()}
+
+
+def snapshot_key(config: ServeConfig, engine_version: str) -> tuple[SnapshotId, dict[str, Any]]:
+    """The key parts and their digest, the snapshot's id. The host fingerprint is checked
+    separately, so a snapshot that does not fit this host is reported, not silently missed."""
+    key = {
+        "engine": vllm.NAME,
+        "engine_version": engine_version,
+        "argv": config.engine_argv,
+        "model": model_identity(config.model),
+        "fastboot": __version__,
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("VLLM_")},
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return SnapshotId(digest[:24]), key
+
+
+def check_port_free(host: str | None, port: int | None) -> None:
+    address = host if host not in (None, "") else "0.0.0.0"
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((address, port or 8000))
+        except OSError as exc:
+            raise UsageError(
+                f"port {port or 8000} on {address} is busy ({exc.strerror}); "
+                "stop what listens there or pass another --port"
+            ) from exc
+
+
+def _engine_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env[envs.ENGINE_CHILD] = "1"
+    return env
+
+
+def serve(config: ServeConfig) -> int:
+    """Run the engine until it exits or SIGINT/SIGTERM arrives; returns the exit code."""
+    check_port_free(config.host, config.port)
+    become_subreaper()
+    engine_version = vllm.version()
+    tree: EngineTree | None = None
+    with _captured_signals(), tempfile.TemporaryDirectory(prefix="fastboot-run-") as run_dir:
+        try:
+            tree = _boot(config, engine_version, Path(run_dir))
+            code = tree.wait()
+            logger.info("engine exited with %s", code)
+            return 0 if code in (0, None) else 1
+        except _Stop as stop:
+            logger.info("%s: stopping the engine", stop)
+            return 0
+        finally:
+            if tree is not None:
+                # A second Ctrl-C must not cut the cleanup short.
+                with _captured_signals(_already_stopping):
+                    tree.stop()
+                    shm.remove(tree.shm_names)
+
+
+def _boot(config: ServeConfig, engine_version: str, run_dir: Path) -> EngineTree:
+    if not config.snapshot:
+        tree, _ = _cold_boot(config)
+        return tree
+    snapshot_id, key = snapshot_key(config, engine_version)
+    host_fp = fingerprint.current(f"{vllm.NAME} {engine_version}")
+    store = config.store
+    if not config.refresh:
+        restored = _try_restore(config, store, snapshot_id, host_fp, run_dir)
+        if restored is not None:
+            return restored
+    return _cold_boot_and_snapshot(config, store, snapshot_id, key, host_fp, run_dir)
+
+
+def _try_restore(config: ServeConfig, store: Store, snapshot_id: SnapshotId,
+                 host_fp: fingerprint.Fingerprint, run_dir: Path) -> EngineTree | None:  # fmt: skip
+    """A ready, oracle-checked restored engine, or None (reason logged) for a cold boot."""
+    if not store.path(snapshot_id).exists():
+        logger.info("no snapshot %s yet: cold boot", snapshot_id[:12])
+        return None
+    start = time.monotonic()
+    try:
+        manifest = store.verify(snapshot_id)
+        if why := fingerprint.incompatibility(manifest.fingerprint, host_fp):
+            logger.warning(
+                "snapshot %s does not fit this host (%s): cold boot", snapshot_id[:12], why
+            )
+            return None
+        criu = criu_mod.find_criu()
+        tree = _restore(criu, store.path(snapshot_id), manifest, run_dir / "restore")
+    except (FastbootError, OSError) as exc:
+        hint = "; see `fastboot doctor`" if isinstance(exc, CriuMissingError) else ""
+        logger.warning("not restoring snapshot %s: %s%s; cold boot", snapshot_id[:12], exc, hint)
+        return None
+    try:
+        vllm.wait_ready(config.url, config.restore_timeout_s, tree.alive)
+        _check_oracle(config.url, manifest)
+    except (FastbootError, OSError) as exc:
+        logger.warning(
+            "restored snapshot %s failed its check (%s): cold boot", snapshot_id[:12], exc
+        )
+        tree.stop()
+        return None
+    elapsed = time.monotonic() - start
+    logger.info("restored snapshot %s in %.2f s; cold boot was %.1f s",
+                snapshot_id[:12], elapsed, manifest.cold_boot_s)  # fmt: skip
+    return tree
+
+
+def _restore(criu: criu_mod.Criu, path: Path, manifest: Manifest, workdir: Path) -> EngineTree:
+    workdir.mkdir(mode=0o700, exist_ok=True)
+    placed = shm.put_back(path / "shm")
+    read_fd, write_fd = os.pipe()
+    try:
+        pid = criu_mod.restore(criu, path / "images", workdir, manifest.stdio_pipe, write_fd)
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+        # CRIU consumed its link_remap files; the engine keeps the psm_* segments it needs.
+        shm.remove([n for n in placed if n.startswith("link_remap.")])
+    tree = EngineTree.adopt_restored(pid, read_fd, manifest.stdio_pipe, stdout_sink())
+    tree.shm_names = [n for n in placed if not n.startswith("link_remap.")]
+    return tree
+
+
+def _check_oracle(url: str, manifest: Manifest) -> None:
+    want = manifest.oracle
+    model = vllm.wait_ready(url, 5, lambda: True)
+    got = vllm.complete(url, model, want["prompt"], want["max_tokens"])["choices"][0]
+    if got.get("token_ids") != want["token_ids"]:
+        raise vllm.EngineError(
+            f"oracle mismatch: expected token ids {want['token_ids']}, got {got.get('token_ids')}"
+        )
+
+
+def _cold_boot(config: ServeConfig) -> tuple[EngineTree, float]:
+    start = time.monotonic()
+    tree = EngineTree.spawn(
+        vllm.command(config.model, config.engine_argv), _engine_env(), stdout_sink()
+    )
+    try:
+        vllm.wait_ready(config.url, config.ready_timeout_s, tree.alive)
+    except BaseException:
+        tree.stop()
+        raise
+    elapsed = time.monotonic() - start
+    logger.info("cold boot ready in %.1f s", elapsed)
+    return tree, elapsed
+
+
+def _cold_boot_and_snapshot(config: ServeConfig, store: Store, snapshot_id: SnapshotId,
+                            key: dict[str, Any], host_fp: fingerprint.Fingerprint,
+                            run_dir: Path) -> EngineTree:  # fmt: skip
+    tree, cold_s = _cold_boot(config)
+    try:
+        criu = criu_mod.find_criu()
+        model = vllm.wait_ready(config.url, 5, tree.alive)
+        vllm.warm_up(config.url, model)
+        oracle = vllm.oracle(config.url, model)
+    except (FastbootError, OSError) as exc:
+        logger.warning("serving without a snapshot: %s", exc)
+        return tree
+    with store.partial(snapshot_id) as partial:
+        pids = tree_pids(tree.root_pid)
+        shm_before = shm.listing()
+        shm_names = shm.referenced(pids)
+        start = time.monotonic()
+        try:
+            criu_mod.dump(criu, tree.root_pid, partial / "images", run_dir)
+        except FastbootError as exc:
+            logger.warning("serving without a snapshot: %s", exc)
+            return tree  # CRIU resumed the engine
+        dump_s = time.monotonic() - start
+        tree.after_dump()
+        remaps = {n for n in shm.listing() - shm_before if n.startswith("link_remap.")}
+        shm.save(shm_names | remaps, partial / "shm")
+        shm.remove(sorted(remaps))
+        manifest = store.publish(partial, Manifest(
+            id=snapshot_id, key=key, fingerprint=host_fp, oracle=oracle, created=time.time(),
+            cold_boot_s=cold_s, dump_s=dump_s, engine_argv=config.engine_argv,
+            stdio_pipe=tree.stdio_pipe,
+        ))  # fmt: skip
+    logger.info("snapshot %s published: %.2f GB, dumped in %.1f s",
+                snapshot_id[:12], manifest.total_bytes / 1e9, dump_s)  # fmt: skip
+    restored = _try_restore(config, store, snapshot_id, host_fp, run_dir)
+    if restored is None:
+        # The fresh snapshot does not restore here: never keep it, and serve from a cold boot.
+        shutil.rmtree(store.path(snapshot_id), ignore_errors=True)
+        logger.warning("the new snapshot %s did not restore; removed it", snapshot_id[:12])
+        tree, _ = _cold_boot(config)
+        return tree
+    return restored

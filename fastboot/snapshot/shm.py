@@ -1,0 +1,72 @@
+"""The /dev/shm files an engine tree depends on, saved with its snapshot and put back on restore.
+
+CRIU does not copy the content of shared file mappings: it lives in the file. vLLM's engine
+talks to its workers through /dev/shm/psm_* segments and multiprocessing semaphores (sem.*),
+and the first restored copy deletes them on exit, so a second restore found nothing
+("Can't open file dev/shm/psm_..."). The files the tree has open or mapped, plus the
+link_remap.* files CRIU itself leaves for unlinked-but-mapped semaphores, are copied into the
+snapshot after the dump and written back (by rename, never over a live inode) before each restore.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+
+SHM = Path("/dev/shm")
+
+
+def referenced(pids: list[int]) -> set[str]:
+    """Names of /dev/shm files the processes have open or mapped (deleted ones excluded)."""
+    names = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if target.startswith("/dev/shm/") and not target.endswith(" (deleted)"):
+                        names.add(target.removeprefix("/dev/shm/"))
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/maps") as maps:
+            for line in maps:
+                parts = line.split(None, 5)
+                path = parts[5].strip() if len(parts) == 6 else ""
+                if path.startswith("/dev/shm/") and not path.endswith(" (deleted)"):
+                    names.add(path.removeprefix("/dev/shm/"))
+    return names
+
+
+def listing() -> set[str]:
+    return set(os.listdir(SHM))
+
+
+def save(names: set[str], dest: Path) -> list[str]:
+    """Copy the named /dev/shm files that still exist into dest; returns what was saved."""
+    dest.mkdir(parents=True, exist_ok=True, mode=0o700)
+    saved = []
+    for name in sorted(names):
+        with contextlib.suppress(FileNotFoundError):
+            shutil.copyfile(SHM / name, dest / name)
+            saved.append(name)
+    return saved
+
+
+def put_back(source: Path) -> list[str]:
+    """Write every saved file back to /dev/shm (0600, atomically by rename); returns names."""
+    placed: list[str] = []
+    if not source.is_dir():
+        return placed
+    for path in sorted(source.iterdir()):
+        tmp = SHM / f".fastboot-{os.getpid()}-{path.name}"
+        shutil.copyfile(path, tmp)
+        os.chmod(tmp, 0o600)
+        os.rename(tmp, SHM / path.name)
+        placed.append(path.name)
+    return placed
+
+
+def remove(names: list[str]) -> None:
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            (SHM / name).unlink()

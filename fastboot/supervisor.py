@@ -1,0 +1,188 @@
+"""The engine process tree fastboot owns: started or restored, watched, stopped, always reaped.
+
+Layout of a cold-booted engine:
+
+    fastboot (child subreaper)
+      └─ unshare --pid --fork                     host side of a new pid namespace
+           └─ [pid 1] python -m fastboot.snapshot.iouring --setsid -- vllm serve ...
+                └─ EngineCore ─ Worker ...        (exec'd into vllm: the API server is pid 1)
+
+The engine is pid 1 of its own pid namespace, so CRIU restores it with the same pids however
+often and wherever the host's pids are taken, and when pid 1 exits the kernel kills the rest of
+the namespace: no orphans. Its stdout/stderr are one pipe owned by fastboot (a file would grow
+after the dump and break the next restore), copied to fastboot's stdout by a thread. A restored
+engine's pid 1 is reparented to fastboot, which is a child subreaper for that reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import BinaryIO
+
+from fastboot.errors import DependencyError
+from fastboot.snapshot import iouring
+
+logger = logging.getLogger(__name__)
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> None:
+    """Adopt orphaned descendants (a restored engine's root, once criu exits)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
+
+
+def _pump(read_fd: int, sink: BinaryIO) -> None:
+    with open(read_fd, "rb", buffering=0) as source:
+        while chunk := source.read(65536):
+            with contextlib.suppress(OSError, ValueError):
+                sink.write(chunk)
+                sink.flush()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def tree_pids(root: int) -> list[int]:
+    """root and all its descendants (host pids)."""
+    pids, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        todo.extend(_children(pid))
+    return pids
+
+
+class EngineTree:
+    """One engine process tree: spawn() or restore(), then wait()/stop()."""
+
+    def __init__(self, root_pid: int, popen: subprocess.Popen[bytes] | None, stdio_pipe: str,
+                 pump: threading.Thread) -> None:  # fmt: skip
+        self.root_pid = root_pid
+        """Host pid of the engine's pid 1."""
+        self.stdio_pipe = stdio_pipe
+        """The engine's stdout pipe as /proc shows it ("pipe:[INODE]")."""
+        self._popen = popen  # the unshare process of a cold boot; None when restored
+        self._pump = pump
+        self.returncode: int | None = None
+        self.shm_names: list[str] = []
+        """/dev/shm files fastboot put back for a restored tree, removed when it stops."""
+
+    @classmethod
+    def spawn(cls, argv: list[str], env: Mapping[str, str], sink: BinaryIO) -> EngineTree:
+        """Start argv as pid 1 of a new pid namespace, io_uring blocked, output to sink."""
+        read_fd, write_fd = os.pipe()
+        # Not --kill-child: that sets PR_SET_PDEATHSIG, which CRIU restores, and the restored
+        # pid 1 was SIGKILLed the moment criu (its parent during restore) exited.
+        command = ["unshare", "--pid", "--fork", "--",
+                   *iouring.wrap(argv, setsid=True)]  # fmt: skip
+        try:
+            popen = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=write_fd, stderr=write_fd,
+                env=dict(env), start_new_session=True,
+            )  # fmt: skip
+        except FileNotFoundError as exc:
+            os.close(read_fd)
+            raise DependencyError("`unshare` (util-linux) is needed to launch engines") from exc
+        finally:
+            os.close(write_fd)
+        pump = threading.Thread(target=_pump, args=(read_fd, sink), daemon=True)
+        pump.start()
+        deadline = time.monotonic() + 30
+        while not (kids := _children(popen.pid)):
+            if popen.poll() is not None or time.monotonic() > deadline:
+                raise DependencyError(
+                    f"could not start the engine in a pid namespace (unshare exited "
+                    f"{popen.returncode}); run `fastboot doctor`"
+                )
+            time.sleep(0.01)
+        root = kids[0]
+        stdio = os.readlink(f"/proc/{root}/fd/1")
+        return cls(root, popen, stdio, pump)
+
+    @classmethod
+    def adopt_restored(cls, root_pid: int, read_fd: int, stdio_pipe: str, sink: BinaryIO
+                       ) -> EngineTree:  # fmt: skip
+        pump = threading.Thread(target=_pump, args=(read_fd, sink), daemon=True)
+        pump.start()
+        return cls(root_pid, None, stdio_pipe, pump)
+
+    def alive(self) -> bool:
+        if self.returncode is not None:
+            return False
+        if self._popen is not None:
+            # The namespace's pid 1 dies first; unshare follows it.
+            if self._popen.poll() is not None:
+                self.returncode = self._popen.returncode
+                return False
+            return Path(f"/proc/{self.root_pid}").exists() and not _is_zombie(self.root_pid)
+        pid, status = os.waitpid(self.root_pid, os.WNOHANG)
+        if pid:
+            self.returncode = os.waitstatus_to_exitcode(status)
+            logger.debug("restored engine %d exited with %s", pid, self.returncode)
+            return False
+        return True
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for the tree to exit (None on timeout); reaps it."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.alive():
+            if deadline is not None and time.monotonic() > deadline:
+                return None
+            time.sleep(0.1)
+        self._reap_launcher()
+        return self.returncode
+
+    def _reap_launcher(self) -> None:
+        if self._popen is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._popen.wait(10)
+            if self._popen.returncode is not None and self.returncode is None:
+                self.returncode = self._popen.returncode
+        self._pump.join(timeout=5)
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        """SIGTERM pid 1 (vLLM shuts down cleanly), SIGKILL after grace_s; always reaped."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.root_pid, signal.SIGTERM)
+            if self.wait(grace_s) is None:
+                logger.warning("engine did not stop within %.0f s; killing it", grace_s)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.root_pid, signal.SIGKILL)
+        if self._popen is not None and self._popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._popen.pid, signal.SIGKILL)
+        self.wait()
+
+    def after_dump(self) -> None:
+        """The dump killed the tree: reap what is left of it."""
+        self.wait(30)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def stdout_sink() -> BinaryIO:
+    return sys.stdout.buffer
