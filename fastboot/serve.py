@@ -204,6 +204,7 @@ def _try_restore(config: ServeConfig, store: Store, snapshot_id: SnapshotId,
             "restored snapshot %s failed its check (%s): cold boot", snapshot_id[:12], exc
         )
         tree.stop()
+        shm.remove(tree.shm_names)
         return None
     elapsed = time.monotonic() - start
     logger.info("restored snapshot %s in %.2f s; cold boot was %.1f s",
