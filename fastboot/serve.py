@@ -191,7 +191,7 @@ def _try_restore(config: ServeConfig, store: Store, snapshot_id: SnapshotId,
             )
             return None
         criu = criu_mod.find_criu()
-        tree = _restore(criu, store.path(snapshot_id), manifest, run_dir / "restore")
+        tree = _restore(criu, store.path(snapshot_id), manifest, _attempt_dir(run_dir, "restore"))
     except (FastbootError, OSError) as exc:
         hint = "; see `fastboot doctor`" if isinstance(exc, CriuMissingError) else ""
         logger.warning("not restoring snapshot %s: %s%s; cold boot", snapshot_id[:12], exc, hint)
@@ -212,8 +212,13 @@ def _try_restore(config: ServeConfig, store: Store, snapshot_id: SnapshotId,
     return tree
 
 
+def _attempt_dir(run_dir: Path, operation: str) -> Path:
+    """A fresh directory for one CRIU run's log, stats and pidfile (criu refuses to overwrite
+    a pidfile, and a run may restore twice: after a failed check it cold boots and re-snapshots)."""
+    return Path(tempfile.mkdtemp(prefix=f"{operation}-", dir=run_dir))
+
+
 def _restore(criu: criu_mod.Criu, path: Path, manifest: Manifest, workdir: Path) -> EngineTree:
-    workdir.mkdir(mode=0o700, exist_ok=True)
     placed = shm.put_back(path / "shm")
     read_fd, write_fd = os.pipe()
     try:
@@ -247,6 +252,11 @@ def _cold_boot(config: ServeConfig) -> tuple[EngineTree, float]:
     )
     try:
         vllm.wait_ready(config.url, config.ready_timeout_s, tree.alive)
+    except vllm.EngineError as exc:
+        tree.stop()
+        raise vllm.EngineError(
+            f"cold boot failed: {exc}; last engine output:\n{tree.log_tail()}"
+        ) from exc
     except BaseException:
         tree.stop()
         raise
@@ -273,7 +283,7 @@ def _cold_boot_and_snapshot(config: ServeConfig, store: Store, snapshot_id: Snap
         shm_names = shm.referenced(pids)
         start = time.monotonic()
         try:
-            criu_mod.dump(criu, tree.root_pid, partial / "images", run_dir)
+            criu_mod.dump(criu, tree.root_pid, partial / "images", _attempt_dir(run_dir, "dump"))
         except FastbootError as exc:
             logger.warning("serving without a snapshot: %s", exc)
             return tree  # CRIU resumed the engine

@@ -16,6 +16,7 @@ engine's pid 1 is reparented to fastboot, which is a child subreaper for that re
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import logging
@@ -45,12 +46,29 @@ def become_subreaper() -> None:
         raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
 
 
-def _pump(read_fd: int, sink: BinaryIO) -> None:
-    with open(read_fd, "rb", buffering=0) as source:
-        while chunk := source.read(65536):
-            with contextlib.suppress(OSError, ValueError):
-                sink.write(chunk)
-                sink.flush()
+class OutputPump(threading.Thread):
+    """Copies the engine's output pipe to a sink, keeping the last lines for error messages."""
+
+    def __init__(self, read_fd: int, sink: BinaryIO, keep_lines: int = 40) -> None:
+        super().__init__(daemon=True, name="engine-output")
+        self._fd = read_fd
+        self._sink = sink
+        self._tail: collections.deque[bytes] = collections.deque(maxlen=keep_lines)
+        self.start()
+
+    def run(self) -> None:
+        partial = b""
+        with open(self._fd, "rb", buffering=0) as source:
+            while chunk := source.read(65536):
+                with contextlib.suppress(OSError, ValueError):
+                    self._sink.write(chunk)
+                    self._sink.flush()
+                lines = (partial + chunk).split(b"\n")
+                partial = lines.pop()
+                self._tail.extend(lines)
+
+    def tail(self) -> str:
+        return "\n".join(line.decode(errors="replace") for line in self._tail)
 
 
 def _children(pid: int) -> list[int]:
@@ -74,7 +92,7 @@ class EngineTree:
     """One engine process tree: spawn() or restore(), then wait()/stop()."""
 
     def __init__(self, root_pid: int, popen: subprocess.Popen[bytes] | None, stdio_pipe: str,
-                 pump: threading.Thread) -> None:  # fmt: skip
+                 pump: OutputPump) -> None:  # fmt: skip
         self.root_pid = root_pid
         """Host pid of the engine's pid 1."""
         self.stdio_pipe = stdio_pipe
@@ -103,8 +121,7 @@ class EngineTree:
             raise DependencyError("`unshare` (util-linux) is needed to launch engines") from exc
         finally:
             os.close(write_fd)
-        pump = threading.Thread(target=_pump, args=(read_fd, sink), daemon=True)
-        pump.start()
+        pump = OutputPump(read_fd, sink)
         deadline = time.monotonic() + 30
         while not (kids := _children(popen.pid)):
             if popen.poll() is not None or time.monotonic() > deadline:
@@ -120,9 +137,12 @@ class EngineTree:
     @classmethod
     def adopt_restored(cls, root_pid: int, read_fd: int, stdio_pipe: str, sink: BinaryIO
                        ) -> EngineTree:  # fmt: skip
-        pump = threading.Thread(target=_pump, args=(read_fd, sink), daemon=True)
-        pump.start()
+        pump = OutputPump(read_fd, sink)
         return cls(root_pid, None, stdio_pipe, pump)
+
+    def log_tail(self) -> str:
+        """The engine's last output lines."""
+        return self._pump.tail()
 
     def alive(self) -> bool:
         if self.returncode is not None:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -113,3 +115,81 @@ def engine_process(
         yield server
     finally:
         server.stop()
+
+
+def processes_mentioning(needle: str) -> list[str]:
+    """'PID CMDLINE' of every live, non-zombie process whose command line contains needle."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if needle in cmdline and state != "Z":
+            found.append(f"{entry} {cmdline.strip()}")
+    return found
+
+
+class FastbootRun:
+    """`fastboot serve ...` as a child, its output in a log file."""
+
+    def __init__(self, argv: Sequence[str], log: Path, env: Mapping[str, str] | None = None):
+        self.log = log
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fastboot", "serve", *argv],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,
+            )
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def fastboot_lines(self) -> list[str]:
+        return [line for line in self.text().splitlines() if " fastboot " in line]
+
+    def wait_for(self, pattern: str, deadline_s: float) -> re.Match[str]:
+        """The first fastboot log line matching pattern; fails with the log if it never comes."""
+        start = time.monotonic()
+        regex = re.compile(pattern)
+        while True:
+            for line in self.fastboot_lines():
+                if match := regex.search(line):
+                    return match
+            if self.proc.poll() is not None and time.monotonic() - start > 1:
+                # One more look: the line may have been written just before the exit.
+                for line in self.fastboot_lines():
+                    if match := regex.search(line):
+                        return match
+                raise AssertionError(
+                    f"fastboot exited ({self.proc.returncode}) without {pattern!r}; log:\n"
+                    f"{log_tail(self.log, 80)}"
+                )
+            if time.monotonic() - start > deadline_s:
+                raise AssertionError(
+                    f"no {pattern!r} within {deadline_s:.0f} s; log:\n{log_tail(self.log, 80)}"
+                )
+            time.sleep(0.2)
+
+    def interrupt(self, sig: int = signal.SIGINT, deadline_s: float = 60) -> int:
+        """Send sig to fastboot alone (as Ctrl-C would, to the foreground process) and wait."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(deadline_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(
+                f"fastboot did not exit after {sig}; log:\n{log_tail(self.log)}"
+            ) from None
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()

@@ -75,7 +75,7 @@ def wait_ready(url: str, deadline_s: float, alive: Callable[[], bool]) -> str:
     start = time.monotonic()
     while True:
         if not alive():
-            raise EngineError("the engine exited before it was ready (its log is above)")
+            raise EngineError("the engine exited before it was ready")
         try:
             _request(url + "/health", timeout=2)
             models = _request(url + "/v1/models", timeout=5)
