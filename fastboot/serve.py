@@ -219,17 +219,18 @@ def _attempt_dir(run_dir: Path, operation: str) -> Path:
 
 
 def _restore(criu: criu_mod.Criu, path: Path, manifest: Manifest, workdir: Path) -> EngineTree:
-    placed = shm.put_back(path / "shm")
     read_fd, write_fd = os.pipe()
-    try:
-        pid = criu_mod.restore(criu, path / "images", workdir, manifest.stdio_pipe, write_fd)
-    except BaseException:
-        os.close(read_fd)
-        raise
-    finally:
-        os.close(write_fd)
-        # CRIU consumed its link_remap files; the engine keeps the psm_* segments it needs.
-        shm.remove([n for n in placed if n.startswith("link_remap.")])
+    with shm.criu_lock():
+        placed = shm.put_back(path / "shm")
+        try:
+            pid = criu_mod.restore(criu, path / "images", workdir, manifest.stdio_pipe, write_fd)
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+            # CRIU consumed its link_remap files; the engine keeps the psm_* segments it needs.
+            shm.remove([n for n in placed if n.startswith("link_remap.")])
     tree = EngineTree.adopt_restored(pid, read_fd, manifest.stdio_pipe, stdout_sink())
     tree.shm_names = [n for n in placed if not n.startswith("link_remap.")]
     return tree
@@ -278,20 +279,21 @@ def _cold_boot_and_snapshot(config: ServeConfig, store: Store, snapshot_id: Snap
         logger.warning("serving without a snapshot: %s", exc)
         return tree
     with store.partial(snapshot_id) as partial:
-        pids = tree_pids(tree.root_pid)
-        shm_before = shm.listing()
-        shm_names = shm.referenced(pids)
-        start = time.monotonic()
-        try:
-            criu_mod.dump(criu, tree.root_pid, partial / "images", _attempt_dir(run_dir, "dump"))
-        except FastbootError as exc:
-            logger.warning("serving without a snapshot: %s", exc)
-            return tree  # CRIU resumed the engine
-        dump_s = time.monotonic() - start
-        tree.after_dump()
-        remaps = {n for n in shm.listing() - shm_before if n.startswith("link_remap.")}
-        shm.save(shm_names | remaps, partial / "shm")
-        shm.remove(sorted(remaps))
+        with shm.criu_lock():
+            shm_before = shm.listing()
+            shm_names = shm.referenced(tree_pids(tree.root_pid))
+            start = time.monotonic()
+            try:
+                workdir = _attempt_dir(run_dir, "dump")
+                criu_mod.dump(criu, tree.root_pid, partial / "images", workdir)
+            except FastbootError as exc:
+                logger.warning("serving without a snapshot: %s", exc)
+                return tree  # CRIU resumed the engine
+            dump_s = time.monotonic() - start
+            tree.after_dump()
+            remaps = {n for n in shm.listing() - shm_before if n.startswith("link_remap.")}
+            shm.save(shm_names | remaps, partial / "shm")
+            shm.remove(sorted(remaps))
         manifest = store.publish(partial, Manifest(
             id=snapshot_id, key=key, fingerprint=host_fp, oracle=oracle, created=time.time(),
             cold_boot_s=cold_s, dump_s=dump_s, engine_argv=config.engine_argv,

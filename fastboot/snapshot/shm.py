@@ -11,9 +11,14 @@ snapshot after the dump and written back (by rename, never over a live inode) be
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 SHM = Path("/dev/shm")
 
@@ -70,3 +75,24 @@ def remove(names: list[str]) -> None:
     for name in names:
         with contextlib.suppress(FileNotFoundError):
             (SHM / name).unlink()
+
+
+@contextlib.contextmanager
+def criu_lock() -> Iterator[None]:
+    """Serialise CRIU runs on this host and clear link_remap files a killed one left behind.
+
+    CRIU names its link remaps link_remap.<file id>; one left by a dump whose fastboot was
+    SIGKILLed makes the next dump fail ("Can't link remap to /dev/shm/sem.X: File exists").
+    Under this lock no other dump or restore is running, so every link_remap.* present is stale
+    (restores put theirs back inside the lock and remove them before leaving it).
+    """
+    fd = os.open(SHM / ".fastboot-criu.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        stale = sorted(n for n in listing() if n.startswith("link_remap."))
+        if stale:
+            logger.info("removing %d stale CRIU link_remap files from /dev/shm", len(stale))
+            remove(stale)
+        yield
+    finally:
+        os.close(fd)

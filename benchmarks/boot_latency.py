@@ -1,0 +1,232 @@
+"""Boot latency: plain `vllm serve` (cold, compile cache warm) vs `fastboot serve` (restore).
+
+For each model size, in one run:
+  1. one plain `vllm serve` boot, unmeasured, so the torch.compile cache is warm (the fair
+     baseline: a real fleet keeps its compile cache);
+  2. one `fastboot serve` cold boot that makes the snapshot (dump time, image size);
+  3. N interleaved pairs: plain `vllm serve` and `fastboot serve` (restore), each timed from
+     process start to the first completed request;
+  4. the time to read the snapshot's bytes from the page cache, the floor a restore could reach.
+
+Prints a table with medians and ratios and writes JSON (and a PNG chart) to benchmarks/results/.
+
+    .venv/bin/python benchmarks/boot_latency.py [--sizes tiny,1gib] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from fastboot.models.tiny import write_tiny_llama
+from fastboot.snapshot.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+#: The KV cache is sized minimally (128 MiB) so the image holds no cache worth rebuilding.
+ENGINE_FLAGS = [
+    "--host",
+    "127.0.0.1",
+    "--max-model-len",
+    "512",
+    "--max-num-seqs",
+    "4",
+    "--kv-cache-memory-bytes",
+    str(128 << 20),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def first_completion(
+    port: int, model: str, proc: subprocess.Popen[bytes], deadline_s: float
+) -> None:
+    body = json.dumps({"model": model, "prompt": "hello", "max_tokens": 4, "temperature": 0})
+    start = time.monotonic()
+    while time.monotonic() - start < deadline_s:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions",
+            data=body.encode(),
+            headers={"content-type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.05)
+    raise RuntimeError(f"no completion within {deadline_s} s")
+
+
+def timed_boot(argv: list[str], port: int, model: str, log: Path, stop: signal.Signals) -> float:
+    """Seconds from process start to the first completed request; the process is then stopped."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with log.open("ab") as out:
+        start = time.monotonic()
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        try:
+            first_completion(port, model, proc, 900)
+            return time.monotonic() - start
+        finally:
+            proc.send_signal(stop)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def page_cache_read_s(path: Path) -> float:
+    """Seconds to read every file under path, after one read to make it page-cache resident."""
+    files = [p for p in path.rglob("*") if p.is_file()]
+    for _ in range(2):
+        start = time.monotonic()
+        for file in files:
+            with file.open("rb", buffering=0) as f:
+                while f.read(8 << 20):
+                    pass
+        elapsed = time.monotonic() - start
+    return elapsed
+
+
+def bench_size(size: str, runs: int, work: Path) -> dict[str, object]:
+    model = work / f"model-{size}"
+    if not model.exists():
+        write_tiny_llama(model, size)
+    port = free_port()
+    vllm = str(Path(sys.executable).with_name("vllm"))
+    snapshots = work / f"snapshots-{size}"
+    plain = [vllm, "serve", str(model), "--port", str(port), *ENGINE_FLAGS]
+    fastboot = [
+        sys.executable,
+        "-m",
+        "fastboot",
+        "serve",
+        str(model),
+        "--port",
+        str(port),
+        *ENGINE_FLAGS,
+        "--fastboot-snapshot-dir",
+        str(snapshots),
+    ]
+    log = work / f"{size}.log"
+    print(f"[{size}] warming the compile cache with one plain boot", flush=True)
+    timed_boot(plain, port, str(model), log, signal.SIGTERM)
+    print(f"[{size}] making the snapshot (fastboot cold boot)", flush=True)
+    first_s = timed_boot(fastboot, port, str(model), log, signal.SIGINT)
+    (manifest,) = Store(snapshots).list()
+    assert not isinstance(manifest, Exception), manifest
+    baseline, restore = [], []
+    for i in range(runs):
+        baseline.append(timed_boot(plain, port, str(model), log, signal.SIGTERM))
+        restore.append(timed_boot(fastboot, port, str(model), log, signal.SIGINT))
+        print(
+            f"[{size}] run {i + 1}/{runs}: vllm serve {baseline[-1]:.1f} s, "
+            f"fastboot restore {restore[-1]:.2f} s",
+            flush=True,
+        )
+    read_s = page_cache_read_s(snapshots / manifest.id)
+    return {
+        "size": size,
+        "model_bytes": sum(p.stat().st_size for p in model.iterdir()),
+        "vllm_serve_s": baseline,
+        "fastboot_restore_s": restore,
+        "fastboot_first_run_s": first_s,
+        "vllm_serve_median_s": statistics.median(baseline),
+        "fastboot_restore_median_s": statistics.median(restore),
+        "speedup": statistics.median(baseline) / statistics.median(restore),
+        "snapshot_bytes": manifest.total_bytes,
+        "dump_s": manifest.dump_s,
+        "page_cache_read_s": read_s,
+        "restore_over_read": statistics.median(restore) / read_s,
+    }
+
+
+def plot(results: list[dict[str, object]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [str(r["size"]) for r in results]
+    x = range(len(sizes))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    base = [float(str(r["vllm_serve_median_s"])) for r in results]
+    fast = [float(str(r["fastboot_restore_median_s"])) for r in results]
+    ax.bar([i - 0.2 for i in x], base, 0.4, label="vllm serve (cold, compile cache warm)")
+    ax.bar([i + 0.2 for i in x], fast, 0.4, label="fastboot serve (restore)")
+    for i, r in enumerate(results):
+        ax.annotate(
+            f"{float(str(r['speedup'])):.0f}x", (i + 0.2, fast[i]), ha="center", va="bottom"
+        )
+    ax.set_xticks(list(x), sizes)
+    ax.set_ylabel("seconds to first completed request (median)")
+    ax.set_title("Boot latency on CPU (vLLM 0.32 CPU build)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="tiny,1gib")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=RESULTS / "boot_latency.json")
+    args = parser.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="fastboot-bench-") as work:
+        for size in args.sizes.split(","):
+            results.append(bench_size(size, args.runs, Path(work)))
+    print()
+    print(
+        f"{'model':<6} {'vllm serve':>11} {'fastboot':>9} {'speedup':>8} {'snapshot':>9} "
+        f"{'dump':>6} {'read':>6} {'restore/read':>13}"
+    )
+    for r in results:
+        gigabytes = int(str(r["snapshot_bytes"])) / 1e9
+        print(
+            f"{r['size']:<6} {r['vllm_serve_median_s']:>10.1f}s "
+            f"{r['fastboot_restore_median_s']:>8.2f}s {r['speedup']:>7.1f}x {gigabytes:>7.2f}GB "
+            f"{r['dump_s']:>5.1f}s {r['page_cache_read_s']:>5.2f}s {r['restore_over_read']:>12.1f}x"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    document = {
+        "benchmark": "boot_latency",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": {
+            "cpus": os.cpu_count(),
+            "kernel": platform.release(),
+            "machine": platform.machine(),
+        },
+        "engine_flags": ENGINE_FLAGS,
+        "runs": args.runs,
+        "results": results,
+    }
+    args.out.write_text(json.dumps(document, indent=2) + "\n")
+    plot(results, args.out.with_suffix(".png"))
+    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
