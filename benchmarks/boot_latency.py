@@ -87,6 +87,11 @@ def timed_boot(argv: list[str], port: int, model: str, log: Path, stop: signal.S
         try:
             first_completion(port, model, proc, 900)
             return time.monotonic() - start
+        except RuntimeError as exc:
+            tail = log.read_text(errors="replace").splitlines()[-30:]
+            raise RuntimeError(
+                f"{' '.join(argv[:3])}...: {exc}; log tail:\n" + "\n".join(tail)
+            ) from exc
         finally:
             proc.send_signal(stop)
             try:
