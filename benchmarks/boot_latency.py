@@ -76,8 +76,18 @@ def first_completion(
     raise RuntimeError(f"no completion within {deadline_s} s")
 
 
-def timed_boot(argv: list[str], port: int, model: str, log: Path, stop: signal.Signals) -> float:
-    """Seconds from process start to the first completed request; the process is then stopped."""
+def timed_boot(
+    argv: list[str],
+    port: int,
+    model: str,
+    log: Path,
+    stop: signal.Signals,
+    snapshots: Path | None = None,
+) -> float:
+    """Seconds from process start to the first completed request; the process is then stopped.
+
+    With snapshots: first wait until a snapshot is published there (a first `fastboot serve`
+    answers from its cold engine while it warms up and dumps)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with log.open("ab") as out:
         start = time.monotonic()
@@ -85,6 +95,10 @@ def timed_boot(argv: list[str], port: int, model: str, log: Path, stop: signal.S
             argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
         try:
+            while snapshots is not None and not Store(snapshots).list():
+                if proc.poll() is not None or time.monotonic() - start > 900:
+                    raise RuntimeError("no snapshot was published")
+                time.sleep(0.5)
             first_completion(port, model, proc, 900)
             return time.monotonic() - start
         except RuntimeError as exc:
@@ -138,7 +152,7 @@ def bench_size(size: str, runs: int, work: Path) -> dict[str, object]:
     print(f"[{size}] warming the compile cache with one plain boot", flush=True)
     timed_boot(plain, port, str(model), log, signal.SIGTERM)
     print(f"[{size}] making the snapshot (fastboot cold boot)", flush=True)
-    first_s = timed_boot(fastboot, port, str(model), log, signal.SIGINT)
+    first_s = timed_boot(fastboot, port, str(model), log, signal.SIGINT, snapshots)
     (manifest,) = Store(snapshots).list()
     assert not isinstance(manifest, Exception), manifest
     baseline, restore = [], []

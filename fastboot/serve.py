@@ -29,7 +29,7 @@ from types import FrameType
 from typing import Any
 
 from fastboot import __version__, envs
-from fastboot.engines import vllm
+from fastboot.engines import hooks, vllm
 from fastboot.errors import CriuMissingError, FastbootError, UsageError
 from fastboot.snapshot import criu as criu_mod
 from fastboot.snapshot import fingerprint, shm
@@ -57,6 +57,8 @@ class ServeConfig:
     """False: plain cold boot, no snapshot read or written."""
     refresh: bool = False
     """True: ignore an existing snapshot and make a new one."""
+    hooks: str | None = None
+    """Module with quiesce/resume hooks (see fastboot.engines.hooks)."""
     ready_timeout_s: float = 900.0
     """How long a cold boot may take to answer."""
     restore_timeout_s: float = 120.0
@@ -133,15 +135,32 @@ def check_port_free(host: str | None, port: int | None) -> None:
             ) from exc
 
 
-def _engine_env() -> dict[str, str]:
+def _engine_env(run_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     env[envs.ENGINE_CHILD] = "1"
+    env[envs.PLUGIN_REPORT] = str(run_dir / "plugin-report")
     return env
+
+
+def _check_plugin(run_dir: Path) -> None:
+    """Engines swallow plugin errors: say whether fastboot's engine-side plugin really ran."""
+    try:
+        lines = (run_dir / "plugin-report").read_text().splitlines()
+    except FileNotFoundError:
+        lines = []
+    if lines:
+        logger.info("engine-side plugin loaded in %d engine processes", len(lines))
+    else:
+        logger.warning(
+            "fastboot's vLLM plugin did not load in the engine (is it excluded by VLLM_PLUGINS, "
+            "or fastboot installed in another environment?); quiesce/resume run from fastboot only"
+        )
 
 
 def serve(config: ServeConfig) -> int:
     """Run the engine until it exits or SIGINT/SIGTERM arrives; returns the exit code."""
     check_port_free(config.host, config.port)
+    hooks.load(config.hooks)  # a bad --fastboot-hooks fails now, not after a cold boot
     become_subreaper()
     engine_version = vllm.version()
     tree: EngineTree | None = None
@@ -164,7 +183,7 @@ def serve(config: ServeConfig) -> int:
 
 def _boot(config: ServeConfig, engine_version: str, run_dir: Path) -> EngineTree:
     if not config.snapshot:
-        tree, _ = _cold_boot(config)
+        tree, _ = _cold_boot(config, run_dir)
         return tree
     snapshot_id, key = snapshot_key(config, engine_version)
     host_fp = fingerprint.current(f"{vllm.NAME} {engine_version}")
@@ -198,6 +217,7 @@ def _try_restore(config: ServeConfig, store: Store, snapshot_id: SnapshotId,
         return None
     try:
         vllm.wait_ready(config.url, config.restore_timeout_s, tree.alive)
+        hooks.load(config.hooks).resume(config.url)
         _check_oracle(config.url, manifest)
     except (FastbootError, OSError) as exc:
         logger.warning(
@@ -246,11 +266,10 @@ def _check_oracle(url: str, manifest: Manifest) -> None:
         )
 
 
-def _cold_boot(config: ServeConfig) -> tuple[EngineTree, float]:
+def _cold_boot(config: ServeConfig, run_dir: Path) -> tuple[EngineTree, float]:
     start = time.monotonic()
-    tree = EngineTree.spawn(
-        vllm.command(config.model, config.engine_argv), _engine_env(), stdout_sink()
-    )
+    argv = vllm.command(config.model, config.engine_argv)
+    tree = EngineTree.spawn(argv, _engine_env(run_dir), stdout_sink())
     try:
         vllm.wait_ready(config.url, config.ready_timeout_s, tree.alive)
     except vllm.EngineError as exc:
@@ -263,18 +282,20 @@ def _cold_boot(config: ServeConfig) -> tuple[EngineTree, float]:
         raise
     elapsed = time.monotonic() - start
     logger.info("cold boot ready in %.1f s", elapsed)
+    _check_plugin(run_dir)
     return tree, elapsed
 
 
 def _cold_boot_and_snapshot(config: ServeConfig, store: Store, snapshot_id: SnapshotId,
                             key: dict[str, Any], host_fp: fingerprint.Fingerprint,
                             run_dir: Path) -> EngineTree:  # fmt: skip
-    tree, cold_s = _cold_boot(config)
+    tree, cold_s = _cold_boot(config, run_dir)
     try:
         criu = criu_mod.find_criu()
         model = vllm.wait_ready(config.url, 5, tree.alive)
         vllm.warm_up(config.url, model)
         oracle = vllm.oracle(config.url, model)
+        hooks.load(config.hooks).quiesce(config.url)
     except (FastbootError, OSError) as exc:
         logger.warning("serving without a snapshot: %s", exc)
         return tree
@@ -306,6 +327,6 @@ def _cold_boot_and_snapshot(config: ServeConfig, store: Store, snapshot_id: Snap
         # The fresh snapshot does not restore here: never keep it, and serve from a cold boot.
         shutil.rmtree(store.path(snapshot_id), ignore_errors=True)
         logger.warning("the new snapshot %s did not restore; removed it", snapshot_id[:12])
-        tree, _ = _cold_boot(config)
+        tree, _ = _cold_boot(config, run_dir)
         return tree
     return restored

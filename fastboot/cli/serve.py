@@ -11,6 +11,9 @@ FLAGS = [
     FlagSpec("snapshot-dir", "where snapshots live (default $FASTBOOT_HOME/snapshots)", True),
     FlagSpec("no-snapshot", "plain cold boot: read and write no snapshot"),
     FlagSpec("refresh", "ignore an existing snapshot and make a new one"),
+    FlagSpec(
+        "hooks", "module with quiesce(url)/resume(url) run around the dump/after restore", True
+    ),
 ]
 
 PASSTHROUGH = True
@@ -39,5 +42,6 @@ def run(args: argparse.Namespace) -> int:
         snapshot_dir=Path(str(snapshot_dir)) if snapshot_dir else None,
         snapshot=not split.fastboot.get("no-snapshot"),
         refresh=bool(split.fastboot.get("refresh")),
+        hooks=str(split.fastboot["hooks"]) if "hooks" in split.fastboot else None,
     )
     return serve(config)

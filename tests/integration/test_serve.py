@@ -162,6 +162,8 @@ def test_first_run_cold_boots_snapshots_and_serves_the_restored_engine(
 ) -> None:
     lines = "\n".join(first_run.fastboot_lines())
     assert "yet: cold boot" in lines and "cold boot ready in" in lines
+    # fastboot_patches really ran inside the engine (API server, EngineCore, worker).
+    assert "engine-side plugin loaded in 3 engine processes" in lines
     assert "published" in lines
     want = oracle(setup)
     # The restored engine reproduces, through the official client, the pre-snapshot output.
@@ -386,10 +388,18 @@ def test_killed_mid_dump_publishes_nothing_and_the_next_run_works(
     assert not processes_mentioning(f"--port {setup.port}")
     for path in setup.tmp.glob("fastboot-*"):
         shutil.rmtree(path)  # a SIGKILLed process cannot remove its temp dir
-    again = setup.run("after-kill", snapshots)
+    hooks_log = tmp_path / "hooks.log"
+    again = FastbootRun(
+        [*setup.argv(snapshots), "--fastboot-hooks", "tests.hooks_probe"],
+        setup.logs / "after-kill.log",
+        env={"TMPDIR": str(setup.tmp), "FASTBOOT_TEST_HOOKS_LOG": str(hooks_log)},
+    )
     try:
         again.wait_for(RESTORED, 900)
     finally:
         assert again.interrupt(signal.SIGINT) == 0
     setup.assert_clean(again)
+    # The quiesce hook ran on the live engine before the dump, resume on the restored one.
+    url = f"http://127.0.0.1:{setup.port}"
+    assert hooks_log.read_text().splitlines() == [f"quiesce {url} 200", f"resume {url} 200"]
     assert [p.name.startswith(".partial-") for p in snapshots.iterdir()] == [False]
