@@ -34,7 +34,7 @@ from fastboot.errors import CriuMissingError, FastbootError, UsageError
 from fastboot.snapshot import criu as criu_mod
 from fastboot.snapshot import fingerprint, shm
 from fastboot.snapshot.store import Manifest, SnapshotId, Store, file_digest
-from fastboot.supervisor import EngineTree, become_subreaper, stdout_sink, tree_pids
+from fastboot.supervisor import EngineTree, become_subreaper, stdout_sink, stop_all, tree_pids
 
 logger = logging.getLogger(__name__)
 
@@ -163,22 +163,22 @@ def serve(config: ServeConfig) -> int:
     hooks.load(config.hooks)  # a bad --fastboot-hooks fails now, not after a cold boot
     become_subreaper()
     engine_version = vllm.version()
-    tree: EngineTree | None = None
     with _captured_signals(), tempfile.TemporaryDirectory(prefix="fastboot-run-") as run_dir:
         try:
             tree = _boot(config, engine_version, Path(run_dir))
             code = tree.wait()
+            shm.remove(tree.shm_names)
             logger.info("engine exited with %s", code)
             return 0 if code in (0, None) else 1
         except _Stop as stop:
             logger.info("%s: stopping the engine", stop)
             return 0
         finally:
-            if tree is not None:
-                # A second Ctrl-C must not cut the cleanup short.
-                with _captured_signals(_already_stopping):
-                    tree.stop()
-                    shm.remove(tree.shm_names)
+            # Whatever phase was interrupted (cold boot, warm-up, dump, restore, serving), stop
+            # every tree this run started; a second Ctrl-C must not cut that short.
+            with _captured_signals(_already_stopping):
+                for stopped in stop_all():
+                    shm.remove(stopped.shm_names)
 
 
 def _boot(config: ServeConfig, engine_version: str, run_dir: Path) -> EngineTree:

@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, ClassVar
 
 from fastboot.errors import DependencyError
 from fastboot.snapshot import iouring
@@ -89,7 +89,13 @@ def tree_pids(root: int) -> list[int]:
 
 
 class EngineTree:
-    """One engine process tree: spawn() or restore(), then wait()/stop()."""
+    """One engine process tree: spawn() or adopt_restored(), then wait()/stop().
+
+    Every tree not yet reaped is in EngineTree.live, so whoever owns the process can stop them
+    all on the way out (`stop_all()`), whatever phase an exception or signal interrupted.
+    """
+
+    live: ClassVar[set[EngineTree]] = set()
 
     def __init__(self, root_pid: int, popen: subprocess.Popen[bytes] | None, stdio_pipe: str,
                  pump: OutputPump) -> None:  # fmt: skip
@@ -102,6 +108,7 @@ class EngineTree:
         self.returncode: int | None = None
         self.shm_names: list[str] = []
         """/dev/shm files fastboot put back for a restored tree, removed when it stops."""
+        EngineTree.live.add(self)
 
     @classmethod
     def spawn(cls, argv: list[str], env: Mapping[str, str], sink: BinaryIO) -> EngineTree:
@@ -177,6 +184,7 @@ class EngineTree:
             if self._popen.returncode is not None and self.returncode is None:
                 self.returncode = self._popen.returncode
         self._pump.join(timeout=5)
+        EngineTree.live.discard(self)
 
     def stop(self, grace_s: float = 20.0) -> None:
         """SIGTERM pid 1 (vLLM shuts down cleanly), SIGKILL after grace_s; always reaped."""
@@ -195,6 +203,14 @@ class EngineTree:
     def after_dump(self) -> None:
         """The dump killed the tree: reap what is left of it."""
         self.wait(30)
+
+
+def stop_all() -> list[EngineTree]:
+    """Stop every engine tree this process started or adopted; returns them."""
+    trees = list(EngineTree.live)
+    for tree in trees:
+        tree.stop()
+    return trees
 
 
 def _is_zombie(pid: int) -> bool:

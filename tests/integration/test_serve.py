@@ -365,6 +365,15 @@ def test_oracle_mismatch_falls_back_to_a_cold_boot_that_serves(
     assert fixed["oracle"]["token_ids"] == oracle(setup)["token_ids"]
 
 
+def test_ctrl_c_between_cold_boot_and_dump_is_clean(setup: Setup, tmp_path: Path) -> None:
+    snapshots = tmp_path / "snaps"
+    run = setup.run("ctrl-c-warm-up", snapshots)
+    run.wait_for("cold boot ready in", 600)  # now warming up, recording the oracle, dumping
+    assert run.interrupt(signal.SIGINT) == 0
+    setup.assert_clean(run)
+    assert not [p for p in snapshots.iterdir() if not p.name.startswith(".partial-")]
+
+
 def test_killed_mid_dump_publishes_nothing_and_the_next_run_works(
     setup: Setup, tmp_path: Path
 ) -> None:
