@@ -195,8 +195,13 @@ def _boot(config: ServeConfig, engine_version: str, run_dir: Path) -> EngineTree
     return _cold_boot_and_snapshot(config, store, snapshot_id, key, host_fp, run_dir)
 
 
-def _try_restore(config: ServeConfig, store: Store, snapshot_id: SnapshotId,
-                 host_fp: fingerprint.Fingerprint, run_dir: Path) -> EngineTree | None:  # fmt: skip
+def _try_restore(
+    config: ServeConfig,
+    store: Store,
+    snapshot_id: SnapshotId,
+    host_fp: fingerprint.Fingerprint,
+    run_dir: Path,
+) -> EngineTree | None:
     """A ready, oracle-checked restored engine, or None (reason logged) for a cold boot."""
     if not store.path(snapshot_id).exists():
         logger.info("no snapshot %s yet: cold boot", snapshot_id[:12])
@@ -227,8 +232,12 @@ def _try_restore(config: ServeConfig, store: Store, snapshot_id: SnapshotId,
         shm.remove(tree.shm_names)
         return None
     elapsed = time.monotonic() - start
-    logger.info("restored snapshot %s in %.2f s; cold boot was %.1f s",
-                snapshot_id[:12], elapsed, manifest.cold_boot_s)  # fmt: skip
+    logger.info(
+        "restored snapshot %s in %.2f s; cold boot was %.1f s",
+        snapshot_id[:12],
+        elapsed,
+        manifest.cold_boot_s,
+    )
     return tree
 
 
@@ -277,18 +286,20 @@ def _cold_boot(config: ServeConfig, run_dir: Path) -> tuple[EngineTree, float]:
         raise vllm.EngineError(
             f"cold boot failed: {exc}; last engine output:\n{tree.log_tail()}"
         ) from exc
-    except BaseException:
-        tree.stop()
-        raise
     elapsed = time.monotonic() - start
     logger.info("cold boot ready in %.1f s", elapsed)
     _check_plugin(run_dir)
     return tree, elapsed
 
 
-def _cold_boot_and_snapshot(config: ServeConfig, store: Store, snapshot_id: SnapshotId,
-                            key: dict[str, Any], host_fp: fingerprint.Fingerprint,
-                            run_dir: Path) -> EngineTree:  # fmt: skip
+def _cold_boot_and_snapshot(
+    config: ServeConfig,
+    store: Store,
+    snapshot_id: SnapshotId,
+    key: dict[str, Any],
+    host_fp: fingerprint.Fingerprint,
+    run_dir: Path,
+) -> EngineTree:
     tree, cold_s = _cold_boot(config, run_dir)
     try:
         criu = criu_mod.find_criu()
@@ -309,19 +320,33 @@ def _cold_boot_and_snapshot(config: ServeConfig, store: Store, snapshot_id: Snap
                 criu_mod.dump(criu, tree.root_pid, partial / "images", workdir)
             except FastbootError as exc:
                 logger.warning("serving without a snapshot: %s", exc)
-                return tree  # CRIU resumed the engine
+                hooks.load(config.hooks).resume(config.url)  # CRIU resumed the engine
+                return tree
             dump_s = time.monotonic() - start
             tree.after_dump()
             remaps = {n for n in shm.listing() - shm_before if n.startswith("link_remap.")}
             shm.save(shm_names | remaps, partial / "shm")
             shm.remove(sorted(remaps))
-        manifest = store.publish(partial, Manifest(
-            id=snapshot_id, key=key, fingerprint=host_fp, oracle=oracle, created=time.time(),
-            cold_boot_s=cold_s, dump_s=dump_s, engine_argv=config.engine_argv,
-            stdio_pipe=tree.stdio_pipe,
-        ))  # fmt: skip
-    logger.info("snapshot %s published: %.2f GB, dumped in %.1f s",
-                snapshot_id[:12], manifest.total_bytes / 1e9, dump_s)  # fmt: skip
+        manifest = store.publish(
+            partial,
+            Manifest(
+                id=snapshot_id,
+                key=key,
+                fingerprint=host_fp,
+                oracle=oracle,
+                created=time.time(),
+                cold_boot_s=cold_s,
+                dump_s=dump_s,
+                engine_argv=config.engine_argv,
+                stdio_pipe=tree.stdio_pipe,
+            ),
+        )
+    logger.info(
+        "snapshot %s published: %.2f GB, dumped in %.1f s",
+        snapshot_id[:12],
+        manifest.total_bytes / 1e9,
+        dump_s,
+    )
     restored = _try_restore(config, store, snapshot_id, host_fp, run_dir)
     if restored is None:
         # The fresh snapshot does not restore here: never keep it, and serve from a cold boot.

@@ -97,8 +97,13 @@ class EngineTree:
 
     live: ClassVar[set[EngineTree]] = set()
 
-    def __init__(self, root_pid: int, popen: subprocess.Popen[bytes] | None, stdio_pipe: str,
-                 pump: OutputPump) -> None:  # fmt: skip
+    def __init__(
+        self,
+        root_pid: int,
+        popen: subprocess.Popen[bytes] | None,
+        stdio_pipe: str,
+        pump: OutputPump,
+    ) -> None:
         self.root_pid = root_pid
         """Host pid of the engine's pid 1."""
         self.stdio_pipe = stdio_pipe
@@ -116,13 +121,16 @@ class EngineTree:
         read_fd, write_fd = os.pipe()
         # Not --kill-child: that sets PR_SET_PDEATHSIG, which CRIU restores, and the restored
         # pid 1 was SIGKILLed the moment criu (its parent during restore) exited.
-        command = ["unshare", "--pid", "--fork", "--",
-                   *iouring.wrap(argv, setsid=True)]  # fmt: skip
+        command = ["unshare", "--pid", "--fork", "--", *iouring.wrap(argv, setsid=True)]
         try:
             popen = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=write_fd, stderr=write_fd,
-                env=dict(env), start_new_session=True,
-            )  # fmt: skip
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=write_fd,
+                stderr=write_fd,
+                env=dict(env),
+                start_new_session=True,
+            )
         except FileNotFoundError as exc:
             os.close(read_fd)
             raise DependencyError("`unshare` (util-linux) is needed to launch engines") from exc
@@ -142,8 +150,9 @@ class EngineTree:
         return cls(root, popen, stdio, pump)
 
     @classmethod
-    def adopt_restored(cls, root_pid: int, read_fd: int, stdio_pipe: str, sink: BinaryIO
-                       ) -> EngineTree:  # fmt: skip
+    def adopt_restored(
+        cls, root_pid: int, read_fd: int, stdio_pipe: str, sink: BinaryIO
+    ) -> EngineTree:
         pump = OutputPump(read_fd, sink)
         return cls(root_pid, None, stdio_pipe, pump)
 

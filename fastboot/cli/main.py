@@ -62,8 +62,9 @@ def build_parser(selected: str | None) -> argparse.ArgumentParser:
     return parser
 
 
-def _parse(parser: argparse.ArgumentParser, argv: list[str], selected: str | None
-           ) -> argparse.Namespace:  # fmt: skip
+def _parse(
+    parser: argparse.ArgumentParser, argv: list[str], selected: str | None
+) -> argparse.Namespace:
     if selected in COMMANDS:
         module = importlib.import_module(COMMANDS[selected][0])
         rest = argv[argv.index(selected) + 1 :]

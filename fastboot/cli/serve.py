@@ -22,9 +22,11 @@ USAGE = "fastboot serve MODEL [vllm serve flags] [--fastboot-FLAG ...] [-- engin
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.usage = USAGE
-    parser.epilog = "fastboot flags:\n" + "\n".join(
-        f"  {f.flag}{' VALUE' if f.takes_value else ''}\n      {f.help}" for f in FLAGS
-    ) + "\n\nEverything else is passed to `vllm serve` verbatim, in order."  # fmt: skip
+    parser.epilog = (
+        "fastboot flags:\n"
+        + "\n".join(f"  {f.flag}{' VALUE' if f.takes_value else ''}\n      {f.help}" for f in FLAGS)
+        + "\n\nEverything else is passed to `vllm serve` verbatim, in order."
+    )
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("argv", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 

@@ -12,13 +12,19 @@ from fastboot.snapshot.store import Manifest, SnapshotInvalid, Store
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dir", type=Path, default=None,
-                        help="snapshot directory (default $FASTBOOT_HOME/snapshots)")  # fmt: skip
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="snapshot directory (default $FASTBOOT_HOME/snapshots)",
+    )
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     sub.add_parser("ls", help="list snapshots")
-    for name, text in (("inspect", "show everything about one snapshot"),
-                       ("verify", "check every file against the manifest's digests"),
-                       ("rm", "remove a snapshot")):  # fmt: skip
+    for name, text in (
+        ("inspect", "show everything about one snapshot"),
+        ("verify", "check every file against the manifest's digests"),
+        ("rm", "remove a snapshot"),
+    ):
         action = sub.add_parser(name, help=text)
         action.add_argument("id", help="snapshot id or a unique prefix of it")
 

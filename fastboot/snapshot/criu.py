@@ -136,15 +136,28 @@ def _run_criu(
     snapshot is immutable (its manifest lists every file), and restores may run concurrently."""
     log = workdir / f"{operation}.log"
     command = [
-        criu.path, operation, "--images-dir", str(images), "--work-dir", str(workdir),
-        "--log-file", str(log), "-v4", *TREE_OPTIONS, *argv,
-    ]  # fmt: skip
+        criu.path,
+        operation,
+        "--images-dir",
+        str(images),
+        "--work-dir",
+        str(workdir),
+        "--log-file",
+        str(log),
+        "-v4",
+        *TREE_OPTIONS,
+        *argv,
+    ]
     logger.debug("running %s", " ".join(command))
     try:
         result = subprocess.run(
-            command, capture_output=True, text=True, timeout=timeout, pass_fds=pass_fds,
+            command,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            pass_fds=pass_fds,
             check=False,
-        )  # fmt: skip
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise CriuError(operation, str(exc), log) from exc
     if result.returncode != 0:

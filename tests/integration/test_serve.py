@@ -371,7 +371,7 @@ def test_ctrl_c_between_cold_boot_and_dump_is_clean(setup: Setup, tmp_path: Path
     run.wait_for("cold boot ready in", 600)  # now warming up, recording the oracle, dumping
     assert run.interrupt(signal.SIGINT) == 0
     setup.assert_clean(run)
-    assert not [p for p in snapshots.iterdir() if not p.name.startswith(".partial-")]
+    assert not snapshots.exists() or not list(snapshots.iterdir())
 
 
 def test_killed_mid_dump_publishes_nothing_and_the_next_run_works(
