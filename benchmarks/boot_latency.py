@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,28 +29,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from fastboot.models.tiny import write_tiny_llama
+from fastboot.models.tiny import cpu_serve_flags, write_tiny_llama
+from fastboot.serve import free_port
 from fastboot.snapshot.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-#: The KV cache is sized minimally (128 MiB) so the image holds no cache worth rebuilding.
-ENGINE_FLAGS = [
-    "--host",
-    "127.0.0.1",
-    "--max-model-len",
-    "512",
-    "--max-num-seqs",
-    "4",
-    "--kv-cache-memory-bytes",
-    str(128 << 20),
-]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def first_completion(
@@ -135,7 +118,9 @@ def bench_size(size: str, runs: int, work: Path) -> dict[str, object]:
     port = free_port()
     vllm = str(Path(sys.executable).with_name("vllm"))
     snapshots = work / f"snapshots-{size}"
-    plain = [vllm, "serve", str(model), "--port", str(port), *ENGINE_FLAGS]
+    # The KV cache is sized to the need, so the image holds no cache worth rebuilding.
+    flags = cpu_serve_flags(size)
+    plain = [vllm, "serve", str(model), "--port", str(port), *flags]
     fastboot = [
         sys.executable,
         "-m",
@@ -144,7 +129,7 @@ def bench_size(size: str, runs: int, work: Path) -> dict[str, object]:
         str(model),
         "--port",
         str(port),
-        *ENGINE_FLAGS,
+        *flags,
         "--fastboot-snapshot-dir",
         str(snapshots),
     ]
@@ -237,7 +222,7 @@ def main() -> int:
             "kernel": platform.release(),
             "machine": platform.machine(),
         },
-        "engine_flags": ENGINE_FLAGS,
+        "engine_flags": {size: cpu_serve_flags(size) for size in args.sizes.split(",")},
         "runs": args.runs,
         "results": results,
     }

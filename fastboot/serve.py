@@ -122,6 +122,13 @@ def snapshot_key(config: ServeConfig, engine_version: str) -> tuple[SnapshotId, 
     return SnapshotId(digest[:24]), key
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on host right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
 def check_port_free(host: str | None, port: int | None) -> None:
     address = host if host not in (None, "") else "0.0.0.0"
     with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as sock:

@@ -9,30 +9,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
+from fastboot.models.tiny import cpu_serve_flags
+from fastboot.serve import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / ".cache" / "models" / "tiny"
 SNAPSHOTS = ROOT / ".cache" / "snapshots"
-FLAGS = [
-    "--host",
-    "127.0.0.1",
-    "--max-model-len",
-    "512",
-    "--max-num-seqs",
-    "4",
-    "--kv-cache-memory-bytes",
-    str(32 << 20),
-]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+FLAGS = cpu_serve_flags("tiny")
 
 
 def chat_once(port: int, proc: subprocess.Popen[bytes], deadline_s: float) -> str:

@@ -104,6 +104,10 @@ class LlamaShape:
         """The head dimension actually used."""
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
+    def kv_cache_bytes_per_token(self) -> int:
+        """Bytes of bf16 K and V one token takes in every layer's cache."""
+        return self.num_hidden_layers * 2 * self.num_key_value_heads * self.head_size * 2
+
     def tensor_specs(self) -> list[TensorSpec]:
         """Every weight of `LlamaForCausalLM`, with transformers' names, all bf16."""
         h, q, kv = self.hidden_size, self.num_attention_heads, self.num_key_value_heads
@@ -386,3 +390,25 @@ def summarize(model_dir: Path) -> ModelSummary:
         total_bytes=sum(p.stat().st_size for p in files),
         weights_sha256=digest.hexdigest(),
     )
+
+
+#: Context length and concurrency the built-in models are served with in tests, demo, benchmarks.
+SERVE_MAX_MODEL_LEN = 512
+SERVE_MAX_NUM_SEQS = 4
+
+
+def cpu_serve_flags(size: str = "tiny") -> list[str]:
+    """`vllm serve` flags for a built-in model on CPU, with the KV cache sized to what
+    SERVE_MAX_MODEL_LEN x SERVE_MAX_NUM_SEQS needs (twice over, 32 MiB at least).
+
+    vLLM's CPU backend allocates and touches its whole KV cache at start-up, so it is dumped page
+    for page into a snapshot: sizing it to the need keeps rebuildable cache out of the image.
+    """
+    need = SERVE_MAX_MODEL_LEN * SERVE_MAX_NUM_SEQS * PRESETS[size].kv_cache_bytes_per_token()
+    kv_bytes = max(32 << 20, 2 * need)
+    return [
+        "--host", "127.0.0.1",
+        "--max-model-len", str(SERVE_MAX_MODEL_LEN),
+        "--max-num-seqs", str(SERVE_MAX_NUM_SEQS),
+        "--kv-cache-memory-bytes", str(kv_bytes),
+    ]  # fmt: skip

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from fastboot.models.tiny import cpu_serve_flags
 from fastboot.snapshot.store import Store
 from tests.engine_process import FastbootRun, free_port, processes_mentioning
 
@@ -31,17 +32,8 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="CRIU dumps and restores need root"),
 ]
 
-#: A minimal CPU KV cache (32 MiB; 2 KiB a token for this model) keeps it out of the image.
-ENGINE_FLAGS = [
-    "--host",
-    "127.0.0.1",
-    "--max-model-len",
-    "512",
-    "--max-num-seqs",
-    "4",
-    "--kv-cache-memory-bytes",
-    str(32 << 20),
-]
+#: KV cache sized to the need (32 MiB), so the image holds no cache worth rebuilding.
+ENGINE_FLAGS = cpu_serve_flags("tiny")
 RESTORED = r"restored snapshot (\w+) in ([\d.]+) s; cold boot was ([\d.]+) s"
 COLD_BOOT_STARTED = "(APIServer pid=1)"
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from fastboot.models.tiny import cpu_serve_flags
 from tests.engine_process import EngineProcess, engine_process, free_port
 
 pytestmark = pytest.mark.integration
@@ -31,21 +32,8 @@ def vllm_server(
     vllm = shutil.which("vllm", path=os.path.dirname(sys.executable))
     assert vllm, "the vllm command is not installed beside this Python (run scripts/setup)"
     port = free_port()
-    argv = [
-        vllm,
-        "serve",
-        str(tiny_model),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--max-model-len",
-        "512",
-        "--max-num-seqs",
-        "4",
-    ]
+    argv = [vllm, "serve", str(tiny_model), "--port", str(port), *cpu_serve_flags("tiny")]
     env = {
-        "VLLM_CPU_KVCACHE_SPACE": "1",
         "FASTBOOT_ENGINE_CHILD": "1",
         "FASTBOOT_PLUGIN_REPORT": str(plugin_report),
     }
