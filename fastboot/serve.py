@@ -216,21 +216,28 @@ def _try_restore(
     start = time.monotonic()
     try:
         manifest = store.verify(snapshot_id)
+        logger.debug("verified %d files in %.3f s", len(manifest.files), time.monotonic() - start)
         if why := fingerprint.incompatibility(manifest.fingerprint, host_fp):
             logger.warning(
                 "snapshot %s does not fit this host (%s): cold boot", snapshot_id[:12], why
             )
             return None
         criu = criu_mod.find_criu()
+        step = time.monotonic()
         tree = _restore(criu, store.path(snapshot_id), manifest, _attempt_dir(run_dir, "restore"))
+        logger.debug("criu restore took %.3f s", time.monotonic() - step)
     except (FastbootError, OSError) as exc:
         hint = "; see `fastboot doctor`" if isinstance(exc, CriuMissingError) else ""
         logger.warning("not restoring snapshot %s: %s%s; cold boot", snapshot_id[:12], exc, hint)
         return None
     try:
+        step = time.monotonic()
         vllm.wait_ready(config.url, config.restore_timeout_s, tree.alive)
         hooks.load(config.hooks).resume(config.url)
+        logger.debug("restored engine answered in %.3f s", time.monotonic() - step)
+        step = time.monotonic()
         _check_oracle(config.url, manifest)
+        logger.debug("oracle matched in %.3f s", time.monotonic() - step)
     except (FastbootError, OSError) as exc:
         logger.warning(
             "restored snapshot %s failed its check (%s): cold boot", snapshot_id[:12], exc

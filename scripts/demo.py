@@ -44,6 +44,16 @@ def chat_once(port: int, proc: subprocess.Popen[bytes], deadline_s: float) -> st
             time.sleep(0.2)
 
 
+def wait_for_log(
+    log: Path, needles: tuple[str, ...], proc: subprocess.Popen[bytes], deadline_s: float
+) -> None:
+    start = time.monotonic()
+    while not any(n in log.read_text(errors="replace") for n in needles):
+        if proc.poll() is not None or time.monotonic() - start > deadline_s:
+            raise SystemExit(f"fastboot serve did not get to {needles[0]!r}; see {log}")
+        time.sleep(0.2)
+
+
 def run(name: str, port: int, log: Path, *extra: str) -> float:
     argv = [
         str(ROOT / ".venv" / "bin" / "fastboot"),
@@ -54,6 +64,7 @@ def run(name: str, port: int, log: Path, *extra: str) -> float:
         *FLAGS,
         "--fastboot-snapshot-dir",
         str(SNAPSHOTS),
+        *extra,
     ]
     print(f"$ {' '.join(argv[1:])}   # {name}, output in {log}", flush=True)
     with log.open("wb") as out:
@@ -62,11 +73,14 @@ def run(name: str, port: int, log: Path, *extra: str) -> float:
         try:
             text = chat_once(port, proc, 900)
             elapsed = time.monotonic() - start
+            # A first run answers from its cold engine while it warms up and snapshots: let it
+            # finish (it then serves the restored engine) before stopping it.
+            wait_for_log(log, ("restored snapshot", "serving without a snapshot"), proc, 600)
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait(60)
     for line in log.read_text(errors="replace").splitlines():
-        if " fastboot INFO " in line and ("snapshot" in line or "cold boot" in line):
+        if " fastboot " in line and ("snapshot" in line or "cold boot" in line):
             print("   ", line)
     print(f"    first chat answer after {elapsed:.1f} s: {text!r}\n", flush=True)
     return elapsed
