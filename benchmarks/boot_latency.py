@@ -186,7 +186,7 @@ def plot(results: list[dict[str, object]], path: Path) -> None:
     ax.set_xticks(list(x), sizes)
     ax.set_ylabel("seconds to first completed request (median)")
     ax.set_title("Boot latency on CPU (vLLM 0.32 CPU build)")
-    ax.legend()
+    ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -196,7 +196,11 @@ def main() -> int:
     parser.add_argument("--sizes", default="tiny,1gib")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS / "boot_latency.json")
+    parser.add_argument("--plot-only", action="store_true", help="re-draw the PNG from --out")
     args = parser.parse_args()
+    if args.plot_only:
+        plot(json.loads(args.out.read_text())["results"], args.out.with_suffix(".png"))
+        return 0
     results = []
     with tempfile.TemporaryDirectory(prefix="fastboot-bench-") as work:
         for size in args.sizes.split(","):
