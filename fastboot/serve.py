@@ -174,7 +174,6 @@ def serve(config: ServeConfig) -> int:
         try:
             tree = _boot(config, engine_version, Path(run_dir))
             code = tree.wait()
-            shm.remove(tree.shm_names)
             logger.info("engine exited with %s", code)
             return 0 if code in (0, None) else 1
         except _Stop as stop:
@@ -184,8 +183,7 @@ def serve(config: ServeConfig) -> int:
             # Whatever phase was interrupted (cold boot, warm-up, dump, restore, serving), stop
             # every tree this run started; a second Ctrl-C must not cut that short.
             with _captured_signals(_already_stopping):
-                for stopped in stop_all():
-                    shm.remove(stopped.shm_names)
+                stop_all()
 
 
 def _boot(config: ServeConfig, engine_version: str, run_dir: Path) -> EngineTree:
@@ -243,7 +241,6 @@ def _try_restore(
             "restored snapshot %s failed its check (%s): cold boot", snapshot_id[:12], exc
         )
         tree.stop()
-        shm.remove(tree.shm_names)
         return None
     elapsed = time.monotonic() - start
     logger.info(
@@ -275,7 +272,7 @@ def _restore(criu: criu_mod.Criu, path: Path, manifest: Manifest, workdir: Path)
             # CRIU consumed its link_remap files; the engine keeps the psm_* segments it needs.
             shm.remove([n for n in placed if n.startswith("link_remap.")])
     tree = EngineTree.adopt_restored(pid, read_fd, manifest.stdio_pipe, stdout_sink())
-    tree.shm_names = [n for n in placed if not n.startswith("link_remap.")]
+    tree.shm_names = {n for n in placed if not n.startswith("link_remap.")}
     return tree
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import BinaryIO, ClassVar
 
 from fastboot.errors import DependencyError
-from fastboot.snapshot import iouring
+from fastboot.snapshot import iouring, shm
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +111,10 @@ class EngineTree:
         self._popen = popen  # the unshare process of a cold boot; None when restored
         self._pump = pump
         self.returncode: int | None = None
-        self.shm_names: list[str] = []
-        """/dev/shm files fastboot put back for a restored tree, removed when it stops."""
+        self.shm_names: set[str] = set()
+        """/dev/shm files of this tree, removed once it is reaped: those put back for a restore,
+        and those it had open when stop() began. vLLM's own clean-up does not get to them: when
+        pid 1 of the namespace exits, the kernel SIGKILLs the resource tracker and workers."""
         EngineTree.live.add(self)
 
     @classmethod
@@ -193,11 +195,14 @@ class EngineTree:
             if self._popen.returncode is not None and self.returncode is None:
                 self.returncode = self._popen.returncode
         self._pump.join(timeout=5)
+        shm.remove(sorted(self.shm_names))
+        self.shm_names.clear()
         EngineTree.live.discard(self)
 
     def stop(self, grace_s: float = 20.0) -> None:
         """SIGTERM pid 1 (vLLM shuts down cleanly), SIGKILL after grace_s; always reaped."""
         if self.alive():
+            self.shm_names |= shm.referenced(tree_pids(self.root_pid))
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.root_pid, signal.SIGTERM)
             if self.wait(grace_s) is None:
@@ -210,7 +215,8 @@ class EngineTree:
         self.wait()
 
     def after_dump(self) -> None:
-        """The dump killed the tree: reap what is left of it."""
+        """The dump killed the tree: reap what is left of it (its /dev/shm files stay: they
+        go into the snapshot)."""
         self.wait(30)
 
 

@@ -94,6 +94,15 @@ def wait_cold_boot_started(run: FastbootRun, reason: str) -> None:
         time.sleep(0.2)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_shm_left_behind() -> Iterator[None]:
+    """Every /dev/shm file the module's engines made is gone when the module ends."""
+    before = set(os.listdir("/dev/shm"))
+    yield
+    left = set(os.listdir("/dev/shm")) - before
+    assert not left, f"left in /dev/shm: {sorted(left)}"
+
+
 @pytest.fixture(scope="module")
 def setup(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Setup:
     root = tmp_path_factory.mktemp("serve")
@@ -370,6 +379,7 @@ def test_killed_mid_dump_publishes_nothing_and_the_next_run_works(
     setup: Setup, tmp_path: Path
 ) -> None:
     snapshots = tmp_path / "snaps"
+    shm_before = set(os.listdir("/dev/shm"))
     run = setup.run("killed-mid-dump", snapshots)
     run.wait_for("cold boot ready in", 600)
     deadline = time.monotonic() + 120
@@ -387,8 +397,12 @@ def test_killed_mid_dump_publishes_nothing_and_the_next_run_works(
     while processes_mentioning(f"--port {setup.port}") and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not processes_mentioning(f"--port {setup.port}")
+    # What only the SIGKILLed fastboot could have removed: its temp dir and the /dev/shm files
+    # of the engine the dump killed.
     for path in setup.tmp.glob("fastboot-*"):
-        shutil.rmtree(path)  # a SIGKILLed process cannot remove its temp dir
+        shutil.rmtree(path)
+    for name in set(os.listdir("/dev/shm")) - shm_before:
+        os.unlink(f"/dev/shm/{name}")
     hooks_log = tmp_path / "hooks.log"
     again = FastbootRun(
         [*setup.argv(snapshots), "--fastboot-hooks", "tests.hooks_probe"],
