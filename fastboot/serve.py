@@ -334,10 +334,11 @@ def _cold_boot_and_snapshot(
                 hooks.load(config.hooks).resume(config.url)  # CRIU resumed the engine
                 return tree
             dump_s = time.monotonic() - start
-            tree.after_dump()
             remaps = {n for n in shm.listing() - shm_before if n.startswith("link_remap.")}
             shm.save(shm_names | remaps, partial / "shm")
             shm.remove(sorted(remaps))
+            # Saved: the dead tree's /dev/shm files can go (a restore writes them back).
+            tree.after_dump()
         manifest = store.publish(
             partial,
             Manifest(

@@ -112,9 +112,8 @@ class EngineTree:
         self._pump = pump
         self.returncode: int | None = None
         self.shm_names: set[str] = set()
-        """/dev/shm files of this tree, removed once it is reaped: those put back for a restore,
-        and those it had open when stop() began. vLLM's own clean-up does not get to them: when
-        pid 1 of the namespace exits, the kernel SIGKILLs the resource tracker and workers."""
+        """/dev/shm files put back for a restore; removed once the tree is reaped."""
+        self._shm_at_start = shm.listing()
         EngineTree.live.add(self)
 
     @classmethod
@@ -195,14 +194,27 @@ class EngineTree:
             if self._popen.returncode is not None and self.returncode is None:
                 self.returncode = self._popen.returncode
         self._pump.join(timeout=5)
-        shm.remove(sorted(self.shm_names))
-        self.shm_names.clear()
+        self._remove_shm_files()
         EngineTree.live.discard(self)
+
+    def _remove_shm_files(self) -> None:
+        """Remove the engine's /dev/shm files. vLLM's own clean-up does not get to all of them:
+        when pid 1 of the namespace exits, the kernel SIGKILLs the rest of the tree (resource
+        tracker included), leaving psm_* queues and sem.mp-* semaphores behind. Candidates are
+        the files put back for a restore and the engine-made ones that appeared since the tree
+        started; any that a live process still uses are left alone."""
+        appeared = {
+            n for n in shm.listing() - self._shm_at_start if n.startswith(shm.ENGINE_PREFIXES)
+        }
+        candidates = self.shm_names | appeared
+        if candidates:
+            in_use = shm.referenced([int(p) for p in os.listdir("/proc") if p.isdigit()])
+            shm.remove(sorted(candidates - in_use))
+        self.shm_names.clear()
 
     def stop(self, grace_s: float = 20.0) -> None:
         """SIGTERM pid 1 (vLLM shuts down cleanly), SIGKILL after grace_s; always reaped."""
         if self.alive():
-            self.shm_names |= shm.referenced(tree_pids(self.root_pid))
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.root_pid, signal.SIGTERM)
             if self.wait(grace_s) is None:
@@ -215,8 +227,8 @@ class EngineTree:
         self.wait()
 
     def after_dump(self) -> None:
-        """The dump killed the tree: reap what is left of it (its /dev/shm files stay: they
-        go into the snapshot)."""
+        """The dump killed the tree: reap what is left of it, /dev/shm files included (save
+        the ones the snapshot needs first)."""
         self.wait(30)
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SHM = Path("/dev/shm")
+#: Names vLLM's processes create in /dev/shm: message queues and multiprocessing semaphores.
+ENGINE_PREFIXES = ("psm_", "sem.mp-")
 
 
 def referenced(pids: list[int]) -> set[str]:
