@@ -103,6 +103,7 @@ class EngineTree:
         popen: subprocess.Popen[bytes] | None,
         stdio_pipe: str,
         pump: OutputPump,
+        shm_at_start: set[str],
     ) -> None:
         self.root_pid = root_pid
         """Host pid of the engine's pid 1."""
@@ -113,12 +114,13 @@ class EngineTree:
         self.returncode: int | None = None
         self.shm_names: set[str] = set()
         """/dev/shm files put back for a restore; removed once the tree is reaped."""
-        self._shm_at_start = shm.listing()
+        self._shm_at_start = shm_at_start
         EngineTree.live.add(self)
 
     @classmethod
     def spawn(cls, argv: list[str], env: Mapping[str, str], sink: BinaryIO) -> EngineTree:
         """Start argv as pid 1 of a new pid namespace, io_uring blocked, output to sink."""
+        shm_at_start = shm.listing()
         read_fd, write_fd = os.pipe()
         # Not --kill-child: that sets PR_SET_PDEATHSIG, which CRIU restores, and the restored
         # pid 1 was SIGKILLed the moment criu (its parent during restore) exited.
@@ -148,14 +150,14 @@ class EngineTree:
             time.sleep(0.01)
         root = kids[0]
         stdio = os.readlink(f"/proc/{root}/fd/1")
-        return cls(root, popen, stdio, pump)
+        return cls(root, popen, stdio, pump, shm_at_start)
 
     @classmethod
     def adopt_restored(
         cls, root_pid: int, read_fd: int, stdio_pipe: str, sink: BinaryIO
     ) -> EngineTree:
         pump = OutputPump(read_fd, sink)
-        return cls(root_pid, None, stdio_pipe, pump)
+        return cls(root_pid, None, stdio_pipe, pump, shm.listing())
 
     def log_tail(self) -> str:
         """The engine's last output lines."""
