@@ -8,12 +8,12 @@ reproduce before it serves.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
 import sys
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable
 from typing import Any
@@ -80,10 +80,8 @@ def wait_ready(url: str, deadline_s: float, alive: Callable[[], bool]) -> str:
             _request(url + "/health", timeout=2)
             models = _request(url + "/v1/models", timeout=5)
             return str(models["data"][0]["id"])
-        except (urllib.error.URLError, ConnectionError, TimeoutError, KeyError, IndexError):
-            pass
-        except json.JSONDecodeError:
-            pass
+        except (OSError, http.client.HTTPException, ValueError, KeyError, IndexError):
+            pass  # not up yet, or not answering the way a ready server does
         if time.monotonic() - start > deadline_s:
             raise EngineError(f"the engine did not answer on {url} within {deadline_s:.0f} s")
         time.sleep(0.2)
