@@ -188,7 +188,7 @@ def serve(config: ServeConfig) -> int:
 
 def _boot(config: ServeConfig, engine_version: str, run_dir: Path) -> EngineTree:
     if not config.snapshot:
-        tree, _ = _cold_boot(config, run_dir)
+        tree, _, _ = _cold_boot(config, run_dir)
         return tree
     snapshot_id, key = snapshot_key(config, engine_version)
     host_fp = fingerprint.current(f"{vllm.NAME} {engine_version}")
@@ -230,11 +230,11 @@ def _try_restore(
         return None
     try:
         step = time.monotonic()
-        vllm.wait_ready(config.url, config.restore_timeout_s, tree.alive)
+        model = vllm.wait_ready(config.url, config.restore_timeout_s, tree.alive)
         hooks.load(config.hooks).resume(config.url)
         logger.debug("restored engine answered in %.3f s", time.monotonic() - step)
         step = time.monotonic()
-        _check_oracle(config.url, manifest)
+        _check_oracle(config.url, model, manifest)
         logger.debug("oracle matched in %.3f s", time.monotonic() - step)
     except (FastbootError, OSError) as exc:
         logger.warning(
@@ -276,9 +276,8 @@ def _restore(criu: criu_mod.Criu, path: Path, manifest: Manifest, workdir: Path)
     return tree
 
 
-def _check_oracle(url: str, manifest: Manifest) -> None:
+def _check_oracle(url: str, model: str, manifest: Manifest) -> None:
     want = manifest.oracle
-    model = vllm.wait_ready(url, 5, lambda: True)
     got = vllm.complete(url, model, want["prompt"], want["max_tokens"])["choices"][0]
     if got.get("token_ids") != want["token_ids"]:
         raise vllm.EngineError(
@@ -286,12 +285,13 @@ def _check_oracle(url: str, manifest: Manifest) -> None:
         )
 
 
-def _cold_boot(config: ServeConfig, run_dir: Path) -> tuple[EngineTree, float]:
+def _cold_boot(config: ServeConfig, run_dir: Path) -> tuple[EngineTree, float, str]:
+    """A ready cold-booted engine, the seconds it took, and the model name it serves."""
     start = time.monotonic()
     argv = vllm.command(config.model, config.engine_argv)
     tree = EngineTree.spawn(argv, _engine_env(run_dir), stdout_sink())
     try:
-        vllm.wait_ready(config.url, config.ready_timeout_s, tree.alive)
+        model = vllm.wait_ready(config.url, config.ready_timeout_s, tree.alive)
     except vllm.EngineError as exc:
         tree.stop()
         raise vllm.EngineError(
@@ -300,7 +300,7 @@ def _cold_boot(config: ServeConfig, run_dir: Path) -> tuple[EngineTree, float]:
     elapsed = time.monotonic() - start
     logger.info("cold boot ready in %.1f s", elapsed)
     _check_plugin(run_dir)
-    return tree, elapsed
+    return tree, elapsed, model
 
 
 def _cold_boot_and_snapshot(
@@ -311,10 +311,9 @@ def _cold_boot_and_snapshot(
     host_fp: fingerprint.Fingerprint,
     run_dir: Path,
 ) -> EngineTree:
-    tree, cold_s = _cold_boot(config, run_dir)
+    tree, cold_s, model = _cold_boot(config, run_dir)
     try:
         criu = criu_mod.find_criu()
-        model = vllm.wait_ready(config.url, 5, tree.alive)
         vllm.warm_up(config.url, model)
         oracle = vllm.oracle(config.url, model)
         hooks.load(config.hooks).quiesce(config.url)
@@ -364,6 +363,6 @@ def _cold_boot_and_snapshot(
         # The fresh snapshot does not restore here: never keep it, and serve from a cold boot.
         shutil.rmtree(store.path(snapshot_id), ignore_errors=True)
         logger.warning("the new snapshot %s did not restore; removed it", snapshot_id[:12])
-        tree, _ = _cold_boot(config, run_dir)
+        tree, _, _ = _cold_boot(config, run_dir)
         return tree
     return restored
