@@ -1,0 +1,1 @@
+"""The cloud buffer: health-checked idle hosts, sized by a linear program (OR-Tools GLOP)."""
