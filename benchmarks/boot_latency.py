@@ -6,7 +6,10 @@ For each model size, in one run:
   2. one `fastboot serve` cold boot that makes the snapshot (dump time, image size);
   3. N interleaved pairs: plain `vllm serve` and `fastboot serve` (restore), each timed from
      process start to the first completed request;
-  4. the time to read the snapshot's bytes from the page cache, the floor a restore could reach.
+  4. two floors for a restore, from the page cache: reading the snapshot's bytes into one reused
+     buffer (what `cat > /dev/null` does), and loading them into fresh anonymous memory, as any
+     restore must (every page allocated, zeroed and filled: the bytes have to land somewhere).
+     fastboot's own phases (verify, `criu restore`, first answer) come from its DEBUG log.
 
 Prints a table with medians and ratios and writes JSON (and a PNG chart) to benchmarks/results/.
 
@@ -17,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import platform
+import re
 import signal
 import statistics
 import subprocess
@@ -71,7 +76,7 @@ def timed_boot(
 
     With snapshots: first wait until a snapshot is published there (a first `fastboot serve`
     answers from its cold engine while it warms up and dumps)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FASTBOOT_LOG_LEVEL": "DEBUG"}
     with log.open("ab") as out:
         start = time.monotonic()
         proc = subprocess.Popen(
@@ -111,6 +116,49 @@ def page_cache_read_s(path: Path) -> float:
     return elapsed
 
 
+def memory_load_s(path: Path) -> float:
+    """Seconds to load every file under path into fresh anonymous memory (page-cache resident:
+    run after page_cache_read_s). This is the work a restore cannot skip: each page of the
+    image is allocated, zeroed by the kernel and filled, as CRIU does for the restored process."""
+    files = [p for p in path.rglob("*") if p.is_file() and p.stat().st_size]
+    start = time.monotonic()
+    maps = []
+    for file in files:
+        size = file.stat().st_size
+        memory = mmap.mmap(-1, size)
+        view = memoryview(memory)
+        with file.open("rb", buffering=0) as f:
+            offset = 0
+            while offset < size:
+                offset += f.readinto(view[offset : offset + (8 << 20)]) or size
+        maps.append((memory, view))
+    elapsed = time.monotonic() - start
+    for memory, view in maps:
+        view.release()
+        memory.close()
+    return elapsed
+
+
+#: fastboot's DEBUG lines for the phases of a restore.
+PHASES = {
+    "verify_s": re.compile(r"verified \d+ files in ([\d.]+) s"),
+    "criu_restore_s": re.compile(r"criu restore took ([\d.]+) s"),
+    "answer_s": re.compile(r"restored engine answered in ([\d.]+) s"),
+    "oracle_s": re.compile(r"oracle matched in ([\d.]+) s"),
+    "restore_total_s": re.compile(r"restored snapshot \w+ in ([\d.]+) s"),
+}
+
+
+def restore_phases(log_text: str) -> dict[str, float]:
+    """The last restore's phases in a fastboot log."""
+    phases = {}
+    for name, pattern in PHASES.items():
+        found = pattern.findall(log_text)
+        if found:
+            phases[name] = float(found[-1])
+    return phases
+
+
 def bench_size(size: str, runs: int, work: Path) -> dict[str, object]:
     model = work / f"model-{size}"
     if not model.exists():
@@ -140,16 +188,27 @@ def bench_size(size: str, runs: int, work: Path) -> dict[str, object]:
     first_s = timed_boot(fastboot, port, str(model), log, signal.SIGINT, snapshots)
     (manifest,) = Store(snapshots).list()
     assert not isinstance(manifest, Exception), manifest
-    baseline, restore = [], []
+    baseline, restore, phases = [], [], []
     for i in range(runs):
         baseline.append(timed_boot(plain, port, str(model), log, signal.SIGTERM))
+        offset = log.stat().st_size
         restore.append(timed_boot(fastboot, port, str(model), log, signal.SIGINT))
+        with log.open(errors="replace") as f:
+            f.seek(offset)
+            phases.append(restore_phases(f.read()))
         print(
             f"[{size}] run {i + 1}/{runs}: vllm serve {baseline[-1]:.1f} s, "
-            f"fastboot restore {restore[-1]:.2f} s",
+            f"fastboot restore {restore[-1]:.2f} s {phases[-1]}",
             flush=True,
         )
     read_s = page_cache_read_s(snapshots / manifest.id)
+    load_s = statistics.median(memory_load_s(snapshots / manifest.id) for _ in range(3))
+    phase_medians = {
+        name: statistics.median(p[name] for p in phases if name in p)
+        for name in PHASES
+        if any(name in p for p in phases)
+    }
+    criu_s = phase_medians.get("criu_restore_s", float("nan"))
     return {
         "size": size,
         "model_bytes": sum(p.stat().st_size for p in model.iterdir()),
@@ -162,7 +221,13 @@ def bench_size(size: str, runs: int, work: Path) -> dict[str, object]:
         "snapshot_bytes": manifest.total_bytes,
         "dump_s": manifest.dump_s,
         "page_cache_read_s": read_s,
+        "memory_load_s": load_s,
+        "restore_phases": phases,
+        "restore_phase_medians_s": phase_medians,
+        "criu_restore_median_s": criu_s,
         "restore_over_read": statistics.median(restore) / read_s,
+        "restore_over_load": statistics.median(restore) / load_s,
+        "criu_restore_over_load": criu_s / load_s,
     }
 
 
@@ -208,14 +273,18 @@ def main() -> int:
     print()
     print(
         f"{'model':<6} {'vllm serve':>11} {'fastboot':>9} {'speedup':>8} {'snapshot':>9} "
-        f"{'dump':>6} {'read':>6} {'restore/read':>13}"
+        f"{'dump':>6} {'read':>6} {'load':>6} {'criu':>6} {'restore/read':>13} "
+        f"{'restore/load':>13} {'criu/load':>10}"
     )
     for r in results:
         gigabytes = int(str(r["snapshot_bytes"])) / 1e9
         print(
             f"{r['size']:<6} {r['vllm_serve_median_s']:>10.1f}s "
             f"{r['fastboot_restore_median_s']:>8.2f}s {r['speedup']:>7.1f}x {gigabytes:>7.2f}GB "
-            f"{r['dump_s']:>5.1f}s {r['page_cache_read_s']:>5.2f}s {r['restore_over_read']:>12.1f}x"
+            f"{r['dump_s']:>5.1f}s {r['page_cache_read_s']:>5.2f}s {r['memory_load_s']:>5.2f}s "
+            f"{r['criu_restore_median_s']:>5.2f}s {r['restore_over_read']:>12.1f}x "
+            f"{r['restore_over_load']:>12.1f}x "
+            f"{r['criu_restore_over_load']:>9.2f}x"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     document = {

@@ -33,10 +33,14 @@ from fastboot.engines import hooks, vllm
 from fastboot.errors import CriuMissingError, FastbootError, UsageError
 from fastboot.snapshot import criu as criu_mod
 from fastboot.snapshot import fingerprint, shm
-from fastboot.snapshot.store import Manifest, SnapshotId, Store, file_digest
+from fastboot.snapshot.digests import DigestCache, file_digest
+from fastboot.snapshot.store import Manifest, SnapshotId, Store
 from fastboot.supervisor import EngineTree, become_subreaper, stdout_sink, stop_all, tree_pids
 
 logger = logging.getLogger(__name__)
+
+#: Digests of snapshot and model files by identity, beside the snapshots (see digests.py).
+DIGEST_CACHE = ".digests.json"
 
 
 @dataclass(frozen=True)
@@ -95,26 +99,29 @@ def _captured_signals(handler: Any = _raise_stop) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def model_identity(model: str) -> dict[str, Any]:
-    """A local model by the digest of its files; a hub name as given."""
+def model_identity(model: str, cache: DigestCache | None = None) -> dict[str, Any]:
+    """A local model by the digest of its files (remembered in cache while they are
+    unchanged); a hub name as given."""
     path = Path(model)
     if not path.is_dir():
         return {"name": model}
     digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         digest.update(f"{file.relative_to(path)}\0{file.stat().st_size}\0".encode())
-        digest.update(file_digest(file).encode())
+        digest.update((cache.digest(file) if cache else file_digest(file)).encode())
     return {"path": str(path.resolve()), "content": digest.hexdigest()}
 
 
-def snapshot_key(config: ServeConfig, engine_version: str) -> tuple[SnapshotId, dict[str, Any]]:
+def snapshot_key(
+    config: ServeConfig, engine_version: str, cache: DigestCache | None = None
+) -> tuple[SnapshotId, dict[str, Any]]:
     """The key parts and their digest, the snapshot's id. The host fingerprint is checked
     separately, so a snapshot that does not fit this host is reported, not silently missed."""
     key = {
         "engine": vllm.NAME,
         "engine_version": engine_version,
         "argv": config.engine_argv,
-        "model": model_identity(config.model),
+        "model": model_identity(config.model, cache),
         "fastboot": __version__,
         "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("VLLM_")},
     }
@@ -190,14 +197,19 @@ def _boot(config: ServeConfig, engine_version: str, run_dir: Path) -> EngineTree
     if not config.snapshot:
         tree, _, _ = _cold_boot(config, run_dir)
         return tree
-    snapshot_id, key = snapshot_key(config, engine_version)
-    host_fp = fingerprint.current(f"{vllm.NAME} {engine_version}")
     store = config.store
-    if not config.refresh:
-        restored = _try_restore(config, store, snapshot_id, host_fp, run_dir)
-        if restored is not None:
-            return restored
-    return _cold_boot_and_snapshot(config, store, snapshot_id, key, host_fp, run_dir)
+    store.ensure()
+    digests = DigestCache(store.root / DIGEST_CACHE)
+    try:
+        snapshot_id, key = snapshot_key(config, engine_version, digests)
+        host_fp = fingerprint.current(f"{vllm.NAME} {engine_version}")
+        if not config.refresh:
+            restored = _try_restore(config, store, snapshot_id, host_fp, run_dir, digests)
+            if restored is not None:
+                return restored
+        return _cold_boot_and_snapshot(config, store, snapshot_id, key, host_fp, run_dir, digests)
+    finally:
+        digests.save()
 
 
 def _try_restore(
@@ -206,6 +218,7 @@ def _try_restore(
     snapshot_id: SnapshotId,
     host_fp: fingerprint.Fingerprint,
     run_dir: Path,
+    digests: DigestCache,
 ) -> EngineTree | None:
     """A ready, oracle-checked restored engine, or None (reason logged) for a cold boot."""
     if not store.path(snapshot_id).exists():
@@ -213,8 +226,14 @@ def _try_restore(
         return None
     start = time.monotonic()
     try:
-        manifest = store.verify(snapshot_id)
-        logger.debug("verified %d files in %.3f s", len(manifest.files), time.monotonic() - start)
+        manifest = store.verify(snapshot_id, digests)
+        logger.debug(
+            "verified %d files in %.3f s (%d hashed, %d unchanged since hashed)",
+            len(manifest.files),
+            time.monotonic() - start,
+            digests.misses,
+            digests.hits,
+        )
         if why := fingerprint.incompatibility(manifest.fingerprint, host_fp):
             logger.warning(
                 "snapshot %s does not fit this host (%s): cold boot", snapshot_id[:12], why
@@ -310,6 +329,7 @@ def _cold_boot_and_snapshot(
     key: dict[str, Any],
     host_fp: fingerprint.Fingerprint,
     run_dir: Path,
+    digests: DigestCache,
 ) -> EngineTree:
     tree, cold_s, model = _cold_boot(config, run_dir)
     try:
@@ -351,6 +371,7 @@ def _cold_boot_and_snapshot(
                 engine_argv=config.engine_argv,
                 stdio_pipe=tree.stdio_pipe,
             ),
+            digests,
         )
     logger.info(
         "snapshot %s published: %.2f GB, dumped in %.1f s",
@@ -358,7 +379,7 @@ def _cold_boot_and_snapshot(
         manifest.total_bytes / 1e9,
         dump_s,
     )
-    restored = _try_restore(config, store, snapshot_id, host_fp, run_dir)
+    restored = _try_restore(config, store, snapshot_id, host_fp, run_dir, digests)
     if restored is None:
         # The fresh snapshot does not restore here: never keep it, and serve from a cold boot.
         shutil.rmtree(store.path(snapshot_id), ignore_errors=True)

@@ -1,1 +1,1 @@
-"""The per-host node agent: restores replicas of snapshots in their own namespaces, over an HTTP API."""
+"""The per-host node agent: restores replicas of snapshots in their own namespaces."""

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, NewType
 
 from fastboot.errors import FastbootError
+from fastboot.snapshot.digests import DigestCache, file_digest
 from fastboot.snapshot.fingerprint import Fingerprint
 
 logger = logging.getLogger(__name__)
@@ -88,24 +89,14 @@ class Manifest:
         return cls(**fields, fingerprint=Fingerprint.from_json(data["fingerprint"]))
 
 
-def file_digest(path: Path) -> str:
-    """BLAKE3 of a file's content (multi-threaded, memory-mapped)."""
-    import blake3
-
-    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    if path.stat().st_size:
-        hasher.update_mmap(path)
-    return str(hasher.hexdigest())
-
-
-def describe_files(root: Path) -> dict[str, dict[str, Any]]:
+def describe_files(root: Path, cache: DigestCache | None = None) -> dict[str, dict[str, Any]]:
     """{relative path: {size, blake3}} for every regular file under root except the manifest."""
     files = {}
     for path in sorted(root.rglob("*")):
         if path.is_file() and path.name != MANIFEST:
             files[str(path.relative_to(root))] = {
                 "size": path.stat().st_size,
-                "blake3": file_digest(path),
+                "blake3": cache.digest(path) if cache else file_digest(path),
             }
     return files
 
@@ -150,14 +141,19 @@ class Store:
         finally:
             shutil.rmtree(path, ignore_errors=True)
 
-    def publish(self, partial: Path, manifest: Manifest) -> Manifest:
-        """Describe, lock down and atomically move a complete snapshot into place."""
-        manifest = Manifest(**{**manifest.__dict__, "files": describe_files(partial)})
+    def publish(
+        self, partial: Path, manifest: Manifest, cache: DigestCache | None = None
+    ) -> Manifest:
+        """Lock down, describe and atomically move a complete snapshot into place. The digests
+        go into cache too (taken after the last chmod, so the next restore finds them valid)."""
+        _lock_down(partial)
+        manifest = Manifest(**{**manifest.__dict__, "files": describe_files(partial, cache)})
         fd = os.open(partial / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(manifest.to_json(), f, indent=2, sort_keys=True)
             f.write("\n")
-        _lock_down(partial)
+            f.flush()
+            os.fsync(f.fileno())
         final = self.path(manifest.id)
         if final.exists():
             # Replace: move the old one aside first so the new one lands by a single rename.
@@ -196,8 +192,11 @@ class Store:
             raise SnapshotInvalid(f"snapshot {snapshot_id}: manifest names {manifest.id}")
         return manifest
 
-    def verify(self, snapshot_id: str) -> Manifest:
-        """The manifest, after checking every file's size and digest. Raises SnapshotInvalid."""
+    def verify(self, snapshot_id: str, cache: DigestCache | None = None) -> Manifest:
+        """The manifest, after checking every file's size and digest. Raises SnapshotInvalid.
+
+        With a cache, files unchanged since they were last hashed are not hashed again (see
+        fastboot.snapshot.digests for what that trusts); without one, everything is re-hashed."""
         manifest = self.read_manifest(snapshot_id)
         root = self.path(snapshot_id)
         on_disk = {
@@ -217,7 +216,8 @@ class Store:
                     f"snapshot {snapshot_id}: {rel} is {size} bytes, manifest says {want['size']}"
                 )
         for rel, want in manifest.files.items():
-            if file_digest(root / rel) != want["blake3"]:
+            digest = cache.digest(root / rel) if cache else file_digest(root / rel)
+            if digest != want["blake3"]:
                 raise SnapshotInvalid(f"snapshot {snapshot_id}: {rel} does not match its digest")
         return manifest
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from fastboot.snapshot import fingerprint
+from fastboot.snapshot.digests import DigestCache
 from fastboot.snapshot.store import Manifest, SnapshotId, SnapshotInvalid, Store
 
 HOST = fingerprint.current("vllm test")
@@ -29,12 +30,17 @@ def manifest(snapshot_id: str = "abc123") -> Manifest:
     )
 
 
-def publish(store: Store, snapshot_id: str = "abc123", payload: bytes = b"pages") -> Manifest:
+def publish(
+    store: Store,
+    snapshot_id: str = "abc123",
+    payload: bytes = b"pages",
+    cache: DigestCache | None = None,
+) -> Manifest:
     with store.partial(SnapshotId(snapshot_id)) as partial:
         (partial / "images").mkdir()
         (partial / "images" / "pages-1.img").write_bytes(payload)
         (partial / "images" / "empty.img").write_bytes(b"")
-        return store.publish(partial, manifest(snapshot_id))
+        return store.publish(partial, manifest(snapshot_id), cache)
 
 
 def test_publish_then_verify_and_modes(tmp_path: Path) -> None:
@@ -59,12 +65,18 @@ def test_publish_then_verify_and_modes(tmp_path: Path) -> None:
         (lambda p: (p / "manifest.json").write_text("{"), "unreadable manifest"),
     ],
 )
-def test_damage_is_detected(tmp_path: Path, damage: object, message: str) -> None:
-    store = Store(tmp_path)
-    publish(store)
+@pytest.mark.parametrize("cached", [False, True], ids=["hashed", "digest-cache"])
+def test_damage_is_detected(tmp_path: Path, damage: object, message: str, cached: bool) -> None:
+    """Also when the digests were remembered at publish: a write changes the file's identity."""
+    store = Store(tmp_path / "snaps")
+    cache = DigestCache(tmp_path / "digests.json") if cached else None
+    publish(store, cache=cache)
+    if cache:
+        store.verify("abc123", cache)
+        assert cache.hits == 2 and cache.misses == 2  # hashed once at publish, then remembered
     damage(store.path("abc123"))  # type: ignore[operator]
     with pytest.raises(SnapshotInvalid, match=message):
-        store.verify("abc123")
+        store.verify("abc123", cache)
 
 
 def test_manifest_must_name_its_own_directory(tmp_path: Path) -> None:
