@@ -4,6 +4,9 @@
     ├── UsageError                a command line or argument that cannot work
     ├── DependencyError           a tool, package or kernel feature this host lacks
     │   └── CriuMissingError      no CRIU >= 4.2 could be found
+    ├── HostError                 the cloud buffer: a host or host pool cannot do what was asked
+    │   ├── IllegalTransitionError  a host lifecycle move that the state machine forbids
+    │   └── NoHostAvailableError  no healthy host could be assigned in time
     └── CriuError                 a CRIU command failed (operation, log path, CRIU's own words)
 
 Foreign exceptions (OSError, subprocess errors) are translated into these at exactly one
@@ -44,3 +47,15 @@ class CriuError(FastbootError):
         self.log_path = log_path
         where = f" (log: {log_path})" if log_path else ""
         super().__init__(f"criu {operation} failed: {message}{where}")
+
+
+class HostError(FastbootError):
+    """The cloud buffer: a host, or the pool of hosts, cannot do what was asked."""
+
+
+class IllegalTransitionError(HostError):
+    """A host lifecycle move the state machine forbids (e.g. assigning a quarantined host)."""
+
+
+class NoHostAvailableError(HostError):
+    """No healthy host of the requested type could be assigned before the deadline."""
