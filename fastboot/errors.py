@@ -2,12 +2,14 @@
 
     FastbootError                 base: the message says what happened and what to do next
     ├── UsageError                a command line or argument that cannot work
+    │   └── ConfigError           a configuration file that cannot work (file, key, what to fix)
     ├── DependencyError           a tool, package or kernel feature this host lacks
     │   └── CriuMissingError      no CRIU >= 4.2 could be found
     ├── HostError                 the cloud buffer: a host or host pool cannot do what was asked
     │   ├── IllegalTransitionError  a host lifecycle move that the state machine forbids
     │   └── NoHostAvailableError  no healthy host could be assigned in time
-    └── CriuError                 a CRIU command failed (operation, log path, CRIU's own words)
+    ├── CriuError                 a CRIU command failed (operation, log path, CRIU's own words)
+    └── AgentError                a per-host agent refused or failed a request (router -> agent)
 
 Foreign exceptions (OSError, subprocess errors) are translated into these at exactly one
 boundary, with `raise ... from exc`, so callers handle one tree.
@@ -59,3 +61,22 @@ class IllegalTransitionError(HostError):
 
 class NoHostAvailableError(HostError):
     """No healthy host of the requested type could be assigned before the deadline."""
+
+
+class ConfigError(UsageError):
+    """A configuration file that cannot work as given; the message names the file and the key."""
+
+
+class AgentError(FastbootError):
+    """A per-host agent refused or failed a request, or could not be reached.
+
+    `status` is the agent's HTTP status (None when it could not be reached at all); `agent` is
+    its address, so the message says which host to look at.
+    """
+
+    def __init__(self, agent: str, message: str, status: int | None = None) -> None:
+        self.agent = agent
+        self.status = status
+        self.agent_message = message
+        code = f" ({status})" if status is not None else ""
+        super().__init__(f"agent {agent}{code}: {message}")

@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Check what this host can do and say how to fix what it can't.",
     ),
     "model": ("fastboot.cli.model", "Write local test models (deterministic, nothing downloaded)."),
+    "router": ("fastboot.cli.router", "Run the fleet's OpenAI-compatible router (--config FILE)."),
     "install-criu": (
         "fastboot.cli.install_criu",
         "Install CRIU >= 4.2 into a private prefix (root).",

@@ -1,0 +1,364 @@
+"""The router's control plane: placing, watching, replacing and retiring replicas.
+
+- Placement starts the moment a pool asks (first request at zero, hard caps exceeded) and on each
+  autoscaler tick; one task per wanted replica places it (retrying other agents, then backing
+  off while it is still wanted), long-polls the agent until it is ready, then opens it to traffic.
+- A replica that crashes mid-request, or that its agent reports failed/dead/gone, is taken out of
+  routing at once, deleted through its agent and replaced if still wanted.
+- On start, replicas the agents already run for a configured snapshot are adopted (a restarted
+  router does not restore everything again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import aiohttp
+
+from fastboot.errors import AgentError
+from fastboot.router.config import RouterConfig
+from fastboot.router.metrics import RouterMetrics
+from fastboot.router.placement import (
+    DEAD,
+    FAILED,
+    READY,
+    RESTORING,
+    STOPPED,
+    AgentClient,
+    Placement,
+    ReplicaInfo,
+)
+from fastboot.router.pool import ModelPool
+from fastboot.router.upstream import BOOTING, DRAINING, GONE, UNHEALTHY, Replica, Upstream
+from fastboot.router.upstream import READY as R_READY
+
+logger = logging.getLogger(__name__)
+
+#: Seconds of each ready long poll (the agent answers sooner when the replica is ready).
+LONG_POLL_S = 30.0
+#: Backoff between placement attempts while no agent can take a replica.
+BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
+
+
+class Controller:
+    """Owns every pool's replicas; the HTTP layer only acquires and releases slots."""
+
+    def __init__(
+        self,
+        config: RouterConfig,
+        pools: dict[str, ModelPool],
+        metrics: RouterMetrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.pools = pools
+        self.metrics = metrics
+        self.clock = clock
+        self._session: aiohttp.ClientSession | None = None
+        self.placement = Placement([])
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping = False
+        for pool in pools.values():
+            pool.scale_up = self._scale_up
+            pool.retire = self._retire
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession()
+        agents = [
+            AgentClient(a, self._session, self.config.timeouts.agent_s) for a in self.config.agents
+        ]
+        self.placement = Placement(agents)
+        self.placement.on_error.append(
+            lambda agent, reason: self.metrics.placement_errors.labels(agent, reason).inc()
+        )
+        await self._adopt()
+        for pool in self.pools.values():
+            pool.target = max(pool.target, pool.config.floor)
+            if pool.current() < pool.target:
+                self._scale_up(pool, pool.target - pool.current())
+        self._spawn(self._tick_loop())
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for pool in self.pools.values():
+            for replica in list(pool.replicas.values()):
+                if self.config.release_on_exit:
+                    await self._delete(replica)
+                if replica.upstream is not None:
+                    await replica.upstream.close()
+        if self._session is not None:
+            await self._session.close()
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        if self._stopping:
+            coro.close()
+            return
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- adoption --------------------------------------------------------------------------
+
+    async def _adopt(self) -> None:
+        async def listing(agent: AgentClient) -> list[ReplicaInfo]:
+            try:
+                return await agent.list_replicas()
+            except AgentError as exc:
+                logger.warning("cannot list replicas to adopt: %s", exc)
+                return []
+
+        listings = await asyncio.gather(*(listing(a) for a in self.placement.agents))
+        for agent, infos in zip(self.placement.agents, listings, strict=True):
+            for info in infos:
+                pool = self._pool_for_snapshot(info.snapshot)
+                if pool is None or info.state not in (READY, RESTORING):
+                    continue
+                replica = self._add(pool, agent, info)
+                logger.info("adopted %s replica %s on %s", pool.name, info.id, agent.name)
+                if info.state == READY:
+                    self._open(pool, replica)
+                else:
+                    self._spawn(self._watch(pool, agent, replica, self.clock()))
+
+    def _pool_for_snapshot(self, snapshot: str) -> ModelPool | None:
+        if not snapshot:
+            return None
+        for pool in self.pools.values():
+            wanted = pool.config.snapshot
+            if snapshot.startswith(wanted) or wanted.startswith(snapshot):
+                return pool
+        return None
+
+    # --- placement -------------------------------------------------------------------------
+
+    def _scale_up(self, pool: ModelPool, count: int) -> None:
+        for _ in range(count):
+            pool.pending += 1
+            self._spawn(self._place(pool))
+
+    async def _place(self, pool: ModelPool) -> None:
+        """Place one replica for `pool`, retrying while it is still wanted."""
+        attempt = 0
+        try:
+            while True:
+                started = self.clock()
+                try:
+                    agent, info = await self.placement.place(pool.config.snapshot)
+                except AgentError as exc:
+                    pool.last_error = f"no replica of {pool.name} could be placed: {exc}"
+                    if pool.current() > pool.target:
+                        return
+                    delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
+                    attempt += 1
+                    logger.warning("%s; retrying in %.1f s", pool.last_error, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                self.metrics.boot.labels(pool.name, "place").observe(self.clock() - started)
+                pool.pending -= 1
+                replica = self._add(pool, agent, info)
+                logger.info(
+                    "placing %s replica %s on %s (snapshot %s)",
+                    pool.name,
+                    info.id,
+                    agent.name,
+                    pool.config.snapshot,
+                )
+                break
+        except BaseException:
+            pool.pending -= 1
+            raise
+        await self._watch(pool, agent, replica, started)
+
+    async def _watch(
+        self, pool: ModelPool, agent: AgentClient, replica: Replica, started: float
+    ) -> None:
+        """Long-poll the agent until `replica` is ready (open it) or failed (replace it)."""
+        deadline = started + pool.config.boot_timeout_s
+        info: ReplicaInfo | None = None
+        while replica.state == BOOTING:
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                self._fail(pool, replica, "boot_timeout", "not ready within boot_timeout_s")
+                return
+            try:
+                info = await agent.wait_ready(replica.id, min(LONG_POLL_S, remaining))
+            except AgentError as exc:
+                if exc.status == 404:
+                    self._fail(pool, replica, "dead", "its agent no longer knows it")
+                    return
+                logger.warning("waiting for replica %s: %s", replica.id, exc)
+                await asyncio.sleep(min(1.0, max(0.0, deadline - self.clock())))
+                continue
+            if info.state == READY:
+                break
+            if info.state in (FAILED, DEAD, STOPPED):
+                self._fail(pool, replica, info.state, info.error or info.state)
+                return
+        if replica.state != BOOTING or info is None:
+            return
+        replica.address = info.address or replica.address
+        replica.served_model = pool.config.served_model_name or info.model or pool.name
+        boot = self.metrics.boot
+        for phase in ("restore", "ready"):
+            if (value := info.timings.get(f"{phase}_s")) is not None:
+                boot.labels(pool.name, phase).observe(value)
+        total = self.clock() - started
+        boot.labels(pool.name, "total").observe(total)
+        logger.info("%s replica %s ready in %.2f s", pool.name, replica.id, total)
+        self._open(pool, replica)
+
+    def _add(self, pool: ModelPool, agent: AgentClient, info: ReplicaInfo) -> Replica:
+        replica = Replica(
+            info.id,
+            pool.name,
+            agent.name,
+            info.address,
+            pool.config.served_model_name or info.model or pool.name,
+            pool.config.concurrency,
+        )
+        pool.replicas[replica.id] = replica
+        self._count_states(pool)
+        return replica
+
+    def _open(self, pool: ModelPool, replica: Replica) -> None:
+        replica.upstream = Upstream(replica.address, self.config.timeouts)
+        replica.state = R_READY
+        pool.last_error = None
+        self._count_states(pool)
+        pool.dispatch()
+
+    # --- failures and retirement -----------------------------------------------------------
+
+    def replica_failed(self, pool: ModelPool, replica: Replica, reason: str) -> None:
+        """A request saw `replica` crash: stop routing to it, delete and replace it."""
+        if replica.state in (UNHEALTHY, GONE):
+            return
+        self._fail(pool, replica, "crashed", reason)
+
+    def _fail(self, pool: ModelPool, replica: Replica, kind: str, reason: str) -> None:
+        logger.warning("%s replica %s %s: %s; replacing it", pool.name, replica.id, kind, reason)
+        self.metrics.replica_failures.labels(pool.name, kind).inc()
+        pool.last_error = f"replica {replica.id} of {pool.name} {kind}: {reason}"
+        replica.state = UNHEALTHY
+        self._count_states(pool)
+        self._spawn(self._remove(pool, replica))
+        if pool.queue or pool.current() < pool.target:
+            pool.need_capacity()
+
+    def _retire(self, pool: ModelPool, replica: Replica) -> None:
+        """A draining replica has finished its requests, or a removed one its last request."""
+        if replica.state == GONE:
+            if replica.upstream is not None:
+                self._spawn(replica.upstream.close())
+        else:
+            self._spawn(self._remove(pool, replica))
+
+    async def _remove(self, pool: ModelPool, replica: Replica) -> None:
+        with contextlib.suppress(AgentError):
+            await self._delete(replica)
+        replica.state = GONE
+        pool.replicas.pop(replica.id, None)
+        with contextlib.suppress(KeyError):
+            self.metrics.inflight.remove(pool.name, replica.id)
+        self._count_states(pool)
+        if replica.upstream is not None and replica.inflight == 0:
+            await replica.upstream.close()
+
+    async def _delete(self, replica: Replica) -> None:
+        agent = self.placement.agent(replica.agent)
+        if agent is None:
+            return
+        try:
+            await agent.delete_replica(replica.id)
+            logger.info("deleted %s replica %s on %s", replica.model, replica.id, agent.name)
+        except AgentError as exc:
+            if exc.status != 404:
+                logger.warning("could not delete replica %s: %s", replica.id, exc)
+                raise
+
+    def _count_states(self, pool: ModelPool) -> None:
+        counts = dict.fromkeys((BOOTING, R_READY, DRAINING, UNHEALTHY), 0)
+        for replica in pool.replicas.values():
+            if replica.state in counts:
+                counts[replica.state] += 1
+        for state, count in counts.items():
+            self.metrics.replicas.labels(pool.name, state).set(count)
+
+    # --- the tick --------------------------------------------------------------------------
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.tick_s)
+            try:
+                await self.tick()
+            except Exception:
+                logger.exception("router tick failed")
+
+    async def tick(self) -> None:
+        """One autoscaler and health round for every model."""
+        await self._check_health()
+        now = self.clock()
+        for pool in self.pools.values():
+            for replica in pool.replicas.values():
+                self.metrics.inflight.labels(pool.name, replica.id).set(replica.inflight)
+            pool.autoscaler.observe(now, pool.demand())
+            decision = pool.autoscaler.decide(now, len(pool.ready()), pool.current())
+            pool.target = decision.desired
+            current = pool.current()
+            if decision.desired > current:
+                logger.info(
+                    "scaling %s up %d -> %d (demand %.1f, panic %s)",
+                    pool.name,
+                    current,
+                    decision.desired,
+                    decision.stable_demand,
+                    decision.panic,
+                )
+                self._scale_up(pool, decision.desired - current)
+            elif decision.desired < current:
+                self._scale_down(pool, current - decision.desired)
+
+    def _scale_down(self, pool: ModelPool, count: int) -> None:
+        # Booting replicas first (they serve nobody yet), then the least busy ready ones.
+        live = sorted(pool.live(), key=lambda r: (r.state != BOOTING, r.inflight, -r.created))
+        for replica in live[:count]:
+            logger.info("scaling %s down: draining replica %s", pool.name, replica.id)
+            replica.state = DRAINING
+            if replica.inflight == 0:
+                self._retire(pool, replica)
+        self._count_states(pool)
+
+    async def _check_health(self) -> None:
+        """Replicas their agent reports failed, dead, stopped or unknown are replaced."""
+        ours: dict[str, list[tuple[ModelPool, Replica]]] = {}
+        for pool in self.pools.values():
+            for replica in pool.replicas.values():
+                if replica.state in (R_READY, DRAINING):
+                    ours.setdefault(replica.agent, []).append((pool, replica))
+        for agent_name, replicas in ours.items():
+            agent = self.placement.agent(agent_name)
+            if agent is None:
+                continue
+            try:
+                listed = {info.id: info for info in await agent.list_replicas()}
+            except AgentError as exc:
+                # An unreachable agent does not prove its replicas dead; requests will tell.
+                logger.debug("health: %s", exc)
+                continue
+            for pool, replica in replicas:
+                info = listed.get(replica.id)
+                if info is None:
+                    self._fail(pool, replica, "dead", "its agent no longer lists it")
+                elif info.state in (FAILED, DEAD, STOPPED):
+                    self._fail(pool, replica, info.state, info.error or info.state)
