@@ -20,11 +20,11 @@ from typing import Any
 from aiohttp import web
 
 
-async def start_site(app: web.Application) -> tuple[web.AppRunner, str]:
-    """Serve `app` on 127.0.0.1:<free port>; returns the runner and http://127.0.0.1:PORT."""
+async def start_site(app: web.Application, port: int = 0) -> tuple[web.AppRunner, str]:
+    """Serve `app` on 127.0.0.1:port (0: a free one); returns the runner and its base URL."""
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     port = runner.addresses[0][1]
     return runner, f"http://127.0.0.1:{port}"
@@ -159,7 +159,7 @@ class FakeAgent:
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
-    async def start(self) -> str:
+    async def start(self, port: int = 0) -> str:
         app = web.Application(middlewares=[self._auth])
         app.router.add_get("/v1/health", self._health)
         app.router.add_get("/v1/resources", self._resources)
@@ -167,7 +167,7 @@ class FakeAgent:
         app.router.add_post("/v1/replicas", self._create)
         app.router.add_get("/v1/replicas/{id}", self._get)
         app.router.add_delete("/v1/replicas/{id}", self._delete)
-        self._runner, self.url = await start_site(app)
+        self._runner, self.url = await start_site(app, port)
         return self.url
 
     async def stop(self) -> None:
