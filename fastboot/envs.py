@@ -39,6 +39,24 @@ def home() -> Path:
     return Path(state) / "fastboot"
 
 
+def image_store() -> Path:
+    """FASTBOOT_IMAGE_STORE: the local image store (default $FASTBOOT_HOME/images)."""
+    if value := os.environ.get("FASTBOOT_IMAGE_STORE"):
+        return Path(value)
+    return home() / "images"
+
+
+def image_remote() -> str | None:
+    """FASTBOOT_IMAGE_REMOTE: base URL of the remote image store (a static HTTP server)."""
+    return os.environ.get("FASTBOOT_IMAGE_REMOTE") or None
+
+
+def image_push_dir() -> str | None:
+    """FASTBOOT_IMAGE_PUSH_DIR: the directory `fastboot image push` publishes into (what the
+    remote's static HTTP server serves)."""
+    return os.environ.get("FASTBOOT_IMAGE_PUSH_DIR") or None
+
+
 #: Set by fastboot in the environment of an engine it launched. The engine-side plugin
 #: (fastboot_patches) stays inert unless it is present. patches/report.py repeats both names:
 #: it runs inside the engine and imports nothing from fastboot.

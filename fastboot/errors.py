@@ -9,7 +9,12 @@
     │   ├── IllegalTransitionError  a host lifecycle move that the state machine forbids
     │   └── NoHostAvailableError  no healthy host could be assigned in time
     ├── CriuError                 a CRIU command failed (operation, log path, CRIU's own words)
-    └── AgentError                a per-host agent refused or failed a request (router -> agent)
+    ├── AgentError                a per-host agent refused or failed a request (router -> agent)
+    └── ImageFSError              an image store, index, mount or remote problem (fastboot image)
+        ├── ImageNotFoundError    no image of that name in the store (or on the remote)
+        ├── ImageCorruptError     a malformed or truncated index, or bytes that fail their digest
+        ├── MountError            a mountpoint that is busy or missing, a daemon that did not start
+        └── RemoteError           the remote store did not answer, or answered wrongly
 
 Foreign exceptions (OSError, subprocess errors) are translated into these at exactly one
 boundary, with `raise ... from exc`, so callers handle one tree.
@@ -51,18 +56,6 @@ class CriuError(FastbootError):
         super().__init__(f"criu {operation} failed: {message}{where}")
 
 
-class HostError(FastbootError):
-    """The cloud buffer: a host, or the pool of hosts, cannot do what was asked."""
-
-
-class IllegalTransitionError(HostError):
-    """A host lifecycle move the state machine forbids (e.g. assigning a quarantined host)."""
-
-
-class NoHostAvailableError(HostError):
-    """No healthy host of the requested type could be assigned before the deadline."""
-
-
 class ConfigError(UsageError):
     """A configuration file that cannot work as given; the message names the file and the key."""
 
@@ -80,3 +73,35 @@ class AgentError(FastbootError):
         self.agent_message = message
         code = f" ({status})" if status is not None else ""
         super().__init__(f"agent {agent}{code}: {message}")
+
+
+class ImageFSError(FastbootError):
+    """An image store, index, mount or remote problem (`fastboot image ...`)."""
+
+
+class ImageNotFoundError(ImageFSError):
+    """No image of that name in the local store (or on the remote)."""
+
+
+class ImageCorruptError(ImageFSError):
+    """A malformed or truncated index, or stored bytes that do not match their digest."""
+
+
+class MountError(ImageFSError):
+    """A mountpoint that is busy or missing, or an image daemon that did not start or stop."""
+
+
+class RemoteError(ImageFSError):
+    """The remote image store did not answer, or answered with something unusable."""
+
+
+class HostError(FastbootError):
+    """The cloud buffer: a host, or the pool of hosts, cannot do what was asked."""
+
+
+class IllegalTransitionError(HostError):
+    """A host lifecycle move the state machine forbids (e.g. assigning a quarantined host)."""
+
+
+class NoHostAvailableError(HostError):
+    """No healthy host of the requested type could be assigned before the deadline."""

@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "fastboot.cli.doctor",
         "Check what this host can do and say how to fix what it can't.",
     ),
+    "image": ("fastboot.cli.image", "Build, mount, push and pull lazy images (envs, weights)."),
     "model": ("fastboot.cli.model", "Write local test models (deterministic, nothing downloaded)."),
     "router": ("fastboot.cli.router", "Run the fleet's OpenAI-compatible router (--config FILE)."),
     "install-criu": (

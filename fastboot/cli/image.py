@@ -1,0 +1,184 @@
+"""`fastboot image build | mount | umount | ls | verify | gc | push | pull | rm`."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from fastboot import envs
+from fastboot.errors import UsageError
+
+
+def _size(text: str) -> int:
+    """'512M', '4G', '1048576' -> bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 512M, 4G)") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--store",
+        type=Path,
+        default=None,
+        help="local image store (default $FASTBOOT_IMAGE_STORE or $FASTBOOT_HOME/images)",
+    )
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    build = sub.add_parser("build", help="build an image from a directory", allow_abbrev=False)
+    build.add_argument("source", type=Path, metavar="SRC", help="directory to build from")
+    build.add_argument("--name", required=True, help="image name")
+    build.add_argument("--chunk-size", type=_size, default="4M", help="chunk size (default 4M)")
+    build.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    mount = sub.add_parser("mount", help="mount an image read-only (lazy)", allow_abbrev=False)
+    mount.add_argument("name", metavar="NAME")
+    mount.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    mount.add_argument(
+        "--remote", default=None, help="base URL for missing chunks (default: where it was pulled)"
+    )
+    mount.add_argument(
+        "--metrics-port", type=int, default=0, help="serve /metrics on 127.0.0.1:PORT"
+    )
+    mount.add_argument("--ram", type=_size, default="256M", help="RAM chunk cache (default 256M)")
+    mount.add_argument(
+        "--prefetch-rate",
+        type=_size,
+        default="256M",
+        help="bytes/s the profile replay may use (default 256M; 0: no cap)",
+    )
+    mount.add_argument("--no-prefetch", action="store_true", help="do not replay the profile")
+    mount.add_argument("--no-record", action="store_true", help="do not record a prefetch profile")
+
+    umount = sub.add_parser("umount", help="unmount and stop the daemon", allow_abbrev=False)
+    umount.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    umount.add_argument("--lazy", action="store_true", help="detach even if files are in use")
+
+    sub.add_parser("ls", help="list images and mounts")
+
+    verify = sub.add_parser("verify", help="re-hash every local chunk of an image")
+    verify.add_argument("name", metavar="NAME")
+
+    gc = sub.add_parser("gc", help="remove what no image or mount uses; trim the SSD cache")
+    gc.add_argument(
+        "--cache-max", type=_size, default=None, help="trim the SSD chunk cache above this size"
+    )
+
+    push = sub.add_parser("push", help="publish an image into a remote store directory")
+    push.add_argument("name", metavar="NAME")
+    push.add_argument(
+        "--to",
+        type=Path,
+        default=None,
+        help="directory a static HTTP server serves as the remote (default "
+        "$FASTBOOT_IMAGE_PUSH_DIR)",
+    )
+
+    pull = sub.add_parser("pull", help="make a remote image mountable here (lazily)")
+    pull.add_argument("name", metavar="NAME")
+    pull.add_argument("--remote", default=None, help="base URL (default $FASTBOOT_IMAGE_REMOTE)")
+    pull.add_argument("--all", action="store_true", help="also fetch every chunk (offline use)")
+
+    rm = sub.add_parser("rm", help="remove an image's name (`gc` frees its bytes)")
+    rm.add_argument("name", metavar="NAME")
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastboot.imagefs.store import ImageStore
+
+    store = ImageStore(args.store or envs.image_store())
+    action = args.action
+    if action == "build":
+        from fastboot.imagefs.build import build
+
+        started = time.monotonic()
+        ref = build(
+            store,
+            args.source,
+            args.name,
+            chunk_size=args.chunk_size,
+            progress=False if args.no_progress else None,
+        )
+        print(
+            f"built {ref.name} ({ref.index[:12]}): {ref.files} files, "
+            f"{ref.total_bytes / 1e6:.1f} MB, {ref.stored_bytes / 1e6:.1f} MB distinct, "
+            f"in {time.monotonic() - started:.1f} s"
+        )
+    elif action == "mount":
+        from fastboot.imagefs.mount import MountOptions, mount
+
+        record = mount(
+            args.name,
+            args.mountpoint,
+            store,
+            MountOptions(
+                remote=args.remote,
+                metrics_port=args.metrics_port,
+                ram_bytes=args.ram,
+                prefetch=not args.no_prefetch,
+                prefetch_rate=args.prefetch_rate,
+                record=not args.no_record,
+            ),
+        )
+        print(
+            f"mounted {record.name} on {record.mountpoint} (daemon pid {record.pid}, "
+            f"log {record.log})"
+        )
+    elif action == "umount":
+        from fastboot.imagefs.mount import umount
+
+        umount(args.mountpoint, store, lazy=args.lazy)
+        print(f"unmounted {args.mountpoint}")
+    elif action == "ls":
+        store.ensure()
+        for ref in store.list_refs():
+            origin = f"  remote {ref.remote}" if ref.remote else ""
+            print(
+                f"{ref.name:24} {ref.index[:12]}  {ref.files:7d} files  "
+                f"{ref.total_bytes / 1e9:7.2f} GB{origin}"
+            )
+        for m in store.mounts():
+            print(f"mounted {m.name} on {m.mountpoint} (pid {m.pid}, metrics {m.metrics_file})")
+    elif action == "verify":
+        from fastboot.imagefs.sync import verify
+
+        checked = verify(store, args.name)
+        print(
+            f"{args.name}: {checked.verified} of {checked.chunks} chunks verified "
+            f"({checked.bytes / 1e6:.1f} MB), {checked.corrupt} corrupt, "
+            f"{checked.not_local} only on the remote"
+        )
+        return 1 if checked.corrupt else 0
+    elif action == "gc":
+        removed = store.gc(cache_high=args.cache_max)
+        print(" ".join(f"{k}={v}" for k, v in removed.items()))
+    elif action == "push":
+        dest = args.to or (Path(d) if (d := envs.image_push_dir()) else None)
+        if dest is None:
+            raise UsageError("push needs a destination: --to DIR (or FASTBOOT_IMAGE_PUSH_DIR)")
+        copied = store.push(args.name, dest)
+        print(
+            f"pushed {args.name} to {dest}: {copied['packs']} new packs, "
+            f"{copied['bytes'] / 1e6:.1f} MB"
+        )
+    elif action == "pull":
+        from fastboot.imagefs.sync import pull
+
+        remote = args.remote or envs.image_remote()
+        if remote is None:
+            raise UsageError("pull needs a remote: --remote URL (or FASTBOOT_IMAGE_REMOTE)")
+        ref = pull(store, args.name, remote, everything=args.all)
+        print(
+            f"pulled {ref.name} ({ref.index[:12]}) from {remote}"
+            + (" with every chunk" if args.all else " (chunks are fetched on use)")
+        )
+    elif action == "rm":
+        store.remove_ref(args.name)
+        print(f"removed {args.name} (run `fastboot image gc` to free its bytes)")
+    return 0

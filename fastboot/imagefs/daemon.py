@@ -1,0 +1,205 @@
+"""The mount daemon: one process per mount, trio + pyfuse3 (`python -m fastboot.imagefs.daemon`).
+
+Started by `fastboot.imagefs.mount.mount` with a JSON `DaemonConfig` as its only argument, its
+stdout/stderr on the mount's log file, and a pipe fd on which it writes b"ready" once the
+filesystem is mounted. It runs until the mountpoint is unmounted (`fastboot image umount`) or it
+gets SIGTERM/SIGINT (then it unmounts itself). On the way out it saves the prefetch profile and
+the final metrics. Killed with SIGKILL, the kernel fails every access to the mountpoint with
+ENOTCONN until something unmounts it; `fastboot image mount` does that before mounting again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from fastboot.errors import FastbootError
+
+logger = logging.getLogger("fastboot.imagefs.daemon")
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """Everything one daemon needs; written by the mounting process."""
+
+    store: str
+    name: str
+    index: str
+    """Hex digest of the index to serve (checked when loaded)."""
+    mountpoint: str
+    remote: str | None
+    metrics_file: str
+    metrics_port: int = 0
+    """Serve /metrics on 127.0.0.1:PORT (0: textfile only)."""
+    ram_bytes: int = 256 * 1024 * 1024
+    threads: int = 8
+    readahead_chunks: int = 8
+    prefetch: bool = True
+    prefetch_rate: int = 256 * 1024 * 1024
+    """Bytes per second the profile replay may use (0: no cap)."""
+    record: bool = True
+    """Record the first-access order and save it as the image's profile."""
+    read_ahead_kb: int = 4096
+    """Kernel readahead for the mount (the bdi default of 128 KiB makes small FUSE reads)."""
+    allow_other: bool = True
+    log_level: str = "INFO"
+    ready_fd: int = -1
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> DaemonConfig:
+        return cls(**json.loads(text))
+
+
+def _set_read_ahead(mountpoint: str, kb: int) -> None:
+    # The bdi is named by the mount's device number; stat(2) of the mountpoint would ask this
+    # very daemon (deadlock before the loop runs), so take it from mountinfo.
+    if kb <= 0:
+        return
+    device = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4 and fields[4] == mountpoint:
+                device = fields[2]
+    if device is None:
+        logger.debug(
+            "%s is not in /proc/self/mountinfo; keeping the kernel's readahead", mountpoint
+        )
+        return
+    path = Path(f"/sys/class/bdi/{device}/read_ahead_kb")
+    try:
+        path.write_text(str(kb))
+    except OSError as exc:
+        logger.debug("could not raise %s to %d: %s", path, kb, exc)
+
+
+def run(config: DaemonConfig) -> int:
+    import pyfuse3
+    import trio
+
+    from fastboot.imagefs import prefetch
+    from fastboot.imagefs.fs import ImageOperations
+    from fastboot.imagefs.metrics import Metrics
+    from fastboot.imagefs.remote import RemoteClient
+    from fastboot.imagefs.store import ImageStore
+    from fastboot.imagefs.tiers import Tiers
+
+    started = time.monotonic()
+    store = ImageStore(Path(config.store))
+    index = store.load_index(config.index)
+    from prometheus_client import disable_created_metrics
+
+    disable_created_metrics()  # type: ignore[no-untyped-call]
+    metrics = Metrics()
+    metrics.image_bytes.set(index.total_bytes)
+    metrics.stored_bytes.set(index.stored_bytes)
+    if config.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(config.metrics_port, addr="127.0.0.1", registry=metrics.registry)
+    remote = RemoteClient(config.remote) if config.remote else None
+    tiers = Tiers(store, remote, metrics, ram_bytes=config.ram_bytes, threads=config.threads)
+    recorder = prefetch.Recorder() if config.record else None
+    profile = (
+        prefetch.load_profile(store.profile_path(config.index), index) if config.prefetch else None
+    )
+    ops = ImageOperations(index, tiers, metrics, recorder, config.readahead_chunks)
+    options = set(pyfuse3.default_options)
+    options |= {f"fsname=fastboot:{config.name}", "subtype=fastboot", "ro"}
+    if config.allow_other and os.geteuid() == 0:
+        options.add("allow_other")
+    pyfuse3.init(ops, config.mountpoint, options)
+    terminated = False
+
+    def save() -> None:
+        if recorder is not None and recorder.save(store, config.index):
+            logger.debug("saved a prefetch profile of %d chunks", len(recorder))
+        metrics.write_textfile(Path(config.metrics_file))
+
+    async def main() -> None:
+        nonlocal terminated
+        async with trio.open_nursery() as nursery:
+            tiers.nursery = nursery
+
+            async def on_signals() -> None:
+                nonlocal terminated
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        logger.info("got signal %d; unmounting %s", signum, config.mountpoint)
+                        terminated = True
+                        pyfuse3.terminate()
+                        return
+
+            async def every_second() -> None:
+                while True:
+                    await trio.sleep(1.0)
+                    await trio.to_thread.run_sync(save)
+
+            async def ready() -> None:
+                # A stat from another thread makes the kernel send INIT (which resets the bdi's
+                # readahead) and one request, so this proves the mount serves before "ready".
+                await trio.to_thread.run_sync(os.stat, config.mountpoint)
+                _set_read_ahead(config.mountpoint, config.read_ahead_kb)
+                await trio.to_thread.run_sync(save)
+                if config.ready_fd >= 0:
+                    os.write(config.ready_fd, b"ready")
+                    os.close(config.ready_fd)
+                logger.info(
+                    "mounted image %s (%d entries, %.1f MB) on %s in %.2f s; remote %s",
+                    config.name,
+                    len(index),
+                    index.total_bytes / 1e6,
+                    config.mountpoint,
+                    time.monotonic() - started,
+                    config.remote or "none",
+                )
+                if profile is not None and len(profile):
+                    await prefetch.replay(index, profile, tiers, config.prefetch_rate)
+
+            nursery.start_soon(on_signals)
+            nursery.start_soon(every_second)
+            nursery.start_soon(ready)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        pyfuse3.close(unmount=terminated)
+        save()
+        if remote is not None:
+            remote.close()
+    logger.info("unmounted %s after %.0f s", config.mountpoint, time.monotonic() - started)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m fastboot.imagefs.daemon CONFIG_JSON", file=sys.stderr)
+        return 2
+    config = DaemonConfig.from_json(args[0])
+    from fastboot import logs
+
+    logs.configure(config.log_level)
+    try:
+        return run(config)
+    except FastbootError as exc:
+        logger.error("%s", exc)
+        return 1
+    except Exception:
+        logger.exception("the image daemon failed")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

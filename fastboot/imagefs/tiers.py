@@ -1,0 +1,216 @@
+"""Where a chunk's bytes come from: RAM LRU -> local pack -> SSD cache -> remote.
+
+Every tier's bytes are checked against the chunk's BLAKE3 before they are used: a corrupt local
+or cached copy is counted, dropped and read from the next tier; a corrupt remote copy is never
+cached and the read fails (EIO), so a reader never gets wrong bytes. Concurrent misses of one
+chunk share one fetch (single-flight). Disk, network and hashing run in worker threads under one
+limiter, so the trio loop that answers the kernel never blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+
+import trio
+
+from fastboot.errors import ImageCorruptError, ImageFSError
+from fastboot.imagefs.index import ChunkDigest, ChunkRef
+from fastboot.imagefs.metrics import Metrics
+from fastboot.imagefs.remote import RemoteClient
+from fastboot.imagefs.store import ImageStore, digest_of
+
+logger = logging.getLogger(__name__)
+
+Blob = bytes | bytearray
+
+
+class ChunkUnavailable(ImageFSError):
+    """No tier could supply a chunk's verified bytes (the message says why)."""
+
+
+class RamCache:
+    """A byte-bounded LRU of verified chunks."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.size = 0
+        self._items: OrderedDict[bytes, Blob] = OrderedDict()
+
+    def get(self, digest: bytes) -> Blob | None:
+        data = self._items.get(digest)
+        if data is not None:
+            self._items.move_to_end(digest)
+        return data
+
+    def __contains__(self, digest: bytes) -> bool:
+        return digest in self._items
+
+    def put(self, digest: bytes, data: Blob) -> None:
+        if len(data) > self.capacity or digest in self._items:
+            return
+        self._items[digest] = data
+        self.size += len(data)
+        while self.size > self.capacity:
+            _, old = self._items.popitem(last=False)
+            self.size -= len(old)
+
+
+class _Flight:
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.data: Blob | None = None
+        self.error: BaseException | None = None
+
+
+class Tiers:
+    """Verified chunk bytes for one mounted image."""
+
+    def __init__(
+        self,
+        store: ImageStore,
+        remote: RemoteClient | None,
+        metrics: Metrics,
+        ram_bytes: int = 256 * 1024 * 1024,
+        threads: int = 8,
+    ) -> None:
+        self.store = store
+        self.remote = remote
+        self.metrics = metrics
+        self.ram = RamCache(ram_bytes)
+        self.limiter = trio.CapacityLimiter(threads)
+        self._flights: dict[bytes, _Flight] = {}
+        self.prefetched: set[bytes] = set()
+        """Digests fetched by prefetch that no reader has asked for yet."""
+        self.nursery: trio.Nursery | None = None
+        """Where background readahead runs (set by the daemon)."""
+        self._readahead_budget = threads
+
+    async def get(self, ref: ChunkRef, *, reader: bool = True) -> Blob:
+        """The chunk's verified bytes. `reader` is False for readahead (not counted as use)."""
+        digest = ref.digest
+        if reader and digest in self.prefetched:
+            self.prefetched.discard(digest)
+            self.metrics.prefetch_used.inc(ref.length)
+        data = self.ram.get(digest)
+        if data is not None:
+            self.metrics.hits.labels("ram").inc()
+            return data
+        flight = self._flights.get(digest)
+        if flight is not None:
+            self.metrics.coalesced.inc()
+            await flight.done.wait()
+            if flight.data is None:
+                raise ChunkUnavailable(f"chunk {ref.hex[:16]}…: {flight.error}")
+            return flight.data
+        self.metrics.misses.labels("ram").inc()
+        flight = self._flights[digest] = _Flight()
+        try:
+            data = await trio.to_thread.run_sync(self.load, ref, limiter=self.limiter)
+            flight.data = data
+            self.ram.put(digest, data)
+            return data
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        finally:
+            del self._flights[digest]
+            flight.done.set()
+
+    def readahead(self, refs: Iterable[ChunkRef]) -> None:
+        """Fetch these chunks in the background (skipping ones in RAM or in flight)."""
+        if self.nursery is None:
+            return
+        for ref in refs:
+            if self._readahead_budget <= 0:
+                return
+            if ref.digest in self.ram or ref.digest in self._flights:
+                continue
+            self._readahead_budget -= 1
+            self.metrics.readahead.inc()
+            self.nursery.start_soon(self._background_get, ref)
+
+    async def _background_get(self, ref: ChunkRef) -> None:
+        try:
+            await self.get(ref, reader=False)
+        except ImageFSError as exc:
+            logger.debug("readahead of chunk %s failed: %s", ref.hex[:16], exc)
+        finally:
+            self._readahead_budget += 1
+
+    # -- blocking, in worker threads ---------------------------------------------------------
+
+    def load(self, ref: ChunkRef) -> Blob:
+        """Read `ref` from the first tier that has it intact (blocking)."""
+        m = self.metrics
+        data: Blob | None = self.store.read_local(ref)
+        if data is not None:
+            if self._intact(ref, data, "local"):
+                m.hits.labels("local").inc()
+                m.bytes.labels("local").inc(len(data))
+                return data
+        else:
+            m.misses.labels("local").inc()
+        data = self.store.read_cached(ref.hex)
+        if data is not None:
+            if self._intact(ref, data, "cache"):
+                m.hits.labels("cache").inc()
+                m.bytes.labels("cache").inc(len(data))
+                return data
+            self.store.drop_cached(ref.hex)
+        else:
+            m.misses.labels("cache").inc()
+        return self.fetch(ref)
+
+    def fetch(self, ref: ChunkRef) -> Blob:
+        """Get `ref` from the remote, verify it and keep it in the SSD cache (blocking)."""
+        if self.remote is None:
+            raise ChunkUnavailable(
+                f"chunk {ref.hex[:16]}… of pack {ref.pack[:16]}… is in no local tier and the "
+                "image has no remote; pull it again with `--remote URL`, or mount with one"
+            )
+        started = time.perf_counter()
+        try:
+            data = self.remote.get_range(f"packs/{ref.pack}.pack", ref.offset, ref.length)
+        except ImageFSError:
+            self.metrics.remote_errors.inc()
+            self.metrics.misses.labels("remote").inc()
+            raise
+        self.metrics.remote_seconds.observe(time.perf_counter() - started)
+        return self.accept_remote(ref, data)
+
+    def accept_remote(self, ref: ChunkRef, data: Blob) -> Blob:
+        """Verify remote bytes of `ref`, cache them on SSD and count them (blocking)."""
+        if not self._intact(ref, data, "remote"):
+            raise ImageCorruptError(
+                f"chunk {ref.hex[:16]}… from {self.remote.base_url if self.remote else 'remote'}"
+                f"/packs/{ref.pack[:16]}… does not match its digest; not served. Re-push the "
+                "image to the remote (or check what rewrites files there)"
+            )
+        try:
+            self.store.cache_put(ref.hex, data)
+        except OSError as exc:
+            logger.warning("could not keep chunk %s in the SSD cache: %s", ref.hex[:16], exc)
+        self.metrics.hits.labels("remote").inc()
+        self.metrics.bytes.labels("remote").inc(len(data))
+        return data
+
+    def is_local(self, ref: ChunkRef) -> bool:
+        """Whether a tier below the remote holds `ref` (not verified; blocking)."""
+        return self.store.has_pack(ref.pack) or self.store.cache_path(ref.hex).exists()
+
+    def _intact(self, ref: ChunkRef, data: Blob, tier: str) -> bool:
+        if len(data) == ref.length and digest_of(data) == ChunkDigest(ref.digest):
+            return True
+        self.metrics.corrupt.labels(tier).inc()
+        logger.error(
+            "chunk %s from the %s tier is corrupt (%d bytes, expected %d, digest mismatch); "
+            "dropping it and trying the next tier",
+            ref.hex[:16],
+            tier,
+            len(data),
+            ref.length,
+        )
+        return False
