@@ -107,7 +107,7 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], deadline_s: float = 30.0)
     start = time.monotonic()
     while time.monotonic() - start < deadline_s:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:

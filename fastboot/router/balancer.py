@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 HIT, MISS, IMBALANCED = "hit", "miss", "imbalanced"
 
@@ -25,6 +25,9 @@ class Routable(Protocol):
 
     @property
     def inflight(self) -> int: ...
+
+
+R = TypeVar("R", bound=Routable)
 
 
 def prompt_text(doc: Mapping[str, Any], limit: int) -> str:
@@ -90,12 +93,10 @@ class Balancer:
             keys.append(chain)
         return keys
 
-    def choose(
-        self, candidates: Sequence[Routable], keys: Sequence[int], now: float
-    ) -> tuple[Routable, str]:
+    def choose(self, candidates: Sequence[R], keys: Sequence[int], now: float) -> tuple[R, str]:
         """Pick one of `candidates` (non-empty) and say how: hit, miss or imbalanced."""
         decision = MISS
-        chosen: Routable | None = None
+        chosen: R | None = None
         if len(candidates) > 1 and keys:
             loads = [c.inflight for c in candidates]
             if max(loads) - min(loads) > self.imbalance:
@@ -113,9 +114,7 @@ class Balancer:
             self._remember(keys, chosen.id, now)
         return chosen, decision
 
-    def _lookup(
-        self, candidates: Sequence[Routable], keys: Sequence[int], now: float
-    ) -> Routable | None:
+    def _lookup(self, candidates: Sequence[R], keys: Sequence[int], now: float) -> R | None:
         by_id = {c.id: c for c in candidates}
         for key in reversed(keys):
             entry = self._table.get(key)

@@ -10,7 +10,6 @@ import asyncio
 import math
 import time
 from collections.abc import Callable
-from typing import cast
 
 from fastboot.router.autoscaler import Autoscaler
 from fastboot.router.balancer import Balancer
@@ -80,10 +79,9 @@ class ModelPool:
         candidates = [r for r in self.replicas.values() if r.has_room]
         if not candidates:
             return None
-        chosen, decision = self.balancer.choose(candidates, keys, self.clock())
+        replica, decision = self.balancer.choose(candidates, keys, self.clock())
         if len(candidates) > 1 and keys:
             self._prefix[decision].inc()
-        replica = cast(Replica, chosen)
         replica.inflight += 1
         return replica
 
@@ -154,8 +152,7 @@ class ModelPool:
             waiter = self.queue.pop()
             if waiter is None:
                 return
-            chosen, _ = self.balancer.choose(candidates, waiter.keys, self.clock())
-            replica = cast(Replica, chosen)
+            replica, _ = self.balancer.choose(candidates, waiter.keys, self.clock())
             replica.inflight += 1
             waiter.future.set_result(replica)
 
