@@ -526,3 +526,55 @@ def test_metrics_endpoint_exports_the_router_metrics() -> None:
                 assert name in text, name
 
     run(main())
+
+
+def test_a_burst_beyond_the_caps_places_more_replicas_at_once_up_to_max() -> None:
+    async def main() -> None:
+        model = {"concurrency": 1, "max_replicas": 3}
+        async with fleet(model=model, agent={"ready_after_s": 0.2}) as f:
+            f.engine.delay_s = 0.2
+            results = await asyncio.gather(*(f.post(completion_body(MODEL)) for _ in range(5)))
+            assert [status for status, _, _ in results] == [200] * 5
+            assert len(f.agent.posts) == 3  # one per request beyond the caps, never above max
+            assert f.engine.peak <= 3
+            assert len(f.router.pools[MODEL].ready()) == 3
+
+    run(main())
+
+
+def test_stream_idle_timeout_ends_the_stream_with_an_error_event() -> None:
+    async def main() -> None:
+        engine = FakeEngine(chunk_delay_s=2.0, chunks=[b"data: 1\n\n", b"data: 2\n\n"])
+        timeouts = replace(RouterConfig().timeouts, idle_s=0.2)
+        async with fleet(engine=engine, router={"timeouts": timeouts}) as f:
+            async with f.http.post(
+                "/v1/completions", data=completion_body(MODEL, stream=True)
+            ) as response:
+                received = await response.read()
+            assert received.startswith(b"data: 1\n\n")
+            event = json.loads(received[len(b"data: 1\n\n") :].decode().removeprefix("data: "))
+            assert event["error"]["code"] == "upstream_timeout"
+            await until(lambda: engine.cancelled == 1, "the engine to see the disconnect")
+
+    run(main())
+
+
+def test_scale_down_drains_a_busy_replica_before_deleting_it() -> None:
+    async def main() -> None:
+        model = {"min_replicas": 1, "max_replicas": 2, "concurrency": 1, "target_utilization": 1.0}
+        async with fleet(model=model, router={"tick_s": 0.05}) as f:
+            pool = f.router.pools[MODEL]
+            await until(lambda: len(pool.ready()) == 1, "the min replica")
+            f.engine.delay_s = 0.5
+            slow = asyncio.ensure_future(f.post(completion_body(MODEL)))
+            await until(lambda: f.engine.active == 1, "the request to start")
+            (replica,) = pool.ready()
+            f.router.controller._scale_down(pool, 1)
+            assert replica.state == "draining" and f.agent.deletes == []
+            status, _, _ = await slow
+            assert status == 200  # the drained replica finished its request
+            await until(lambda: f.agent.deletes == [replica.id], "the DELETE after draining")
+            # Demand (1 in flight at the cap) and the floor bring a fresh replica back.
+            await until(lambda: [r.id for r in pool.ready()] == ["r2"], "a replacement")
+
+    run(main())
