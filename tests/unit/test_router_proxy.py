@@ -578,3 +578,17 @@ def test_scale_down_drains_a_busy_replica_before_deleting_it() -> None:
             await until(lambda: [r.id for r in pool.ready()] == ["r2"], "a replacement")
 
     run(main())
+
+
+def test_client_disconnect_before_the_answer_cancels_the_upstream_request() -> None:
+    async def main() -> None:
+        async with fleet() as f:
+            f.engine.delay_s = 5.0
+            task = asyncio.ensure_future(f.post(completion_body(MODEL)))
+            await until(lambda: f.engine.active == 1, "the request to reach the engine")
+            task.cancel()  # closes the client's connection to the router
+            await until(lambda: f.engine.cancelled == 1, "the engine to see the disconnect")
+            pool = f.router.pools[MODEL]
+            await until(lambda: pool.inflight() == 0, "the slot to be released")
+
+    run(main())
