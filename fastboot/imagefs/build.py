@@ -1,6 +1,8 @@
 """Build an image from a directory: scan, chunk, deduplicate, pack, index, publish.
 
-Files of at most one chunk are stored whole; larger files in fixed `chunk_size` pieces. A chunk
+Files of at most one chunk are stored whole; larger files in fixed-size pieces (4 MiB; 256 KiB
+for ELF files, which are paged in at scattered places), compressed with zstd where that pays. A
+chunk
 whose BLAKE3 is already in the store (from any image) is referenced, not stored again. New chunks
 are appended to pack files in path order (files of one directory sit together, so a prefetch of
 neighbouring files coalesces into one ranged GET). The packs, then the index, then the ref are
@@ -23,11 +25,20 @@ import numpy as np
 
 from fastboot.errors import ImageFSError, UsageError
 from fastboot.imagefs import index as ix
-from fastboot.imagefs.store import PACK_TABLE_DTYPE, ImageRef, ImageStore, check_name, digest_of
+from fastboot.imagefs.store import (
+    PACK_TABLE_DTYPE,
+    Bytes,
+    ImageRef,
+    ImageStore,
+    check_name,
+    digest_of,
+)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PACK_SIZE = 256 * 1024 * 1024
+SMALL_CHUNK_SIZE = 256 * 1024
+ELF_MAGIC = b"\x7fELF"
 
 
 class PackWriter:
@@ -38,20 +49,21 @@ class PackWriter:
 
         self.store = store
         self.size = 0
-        self.rows: list[tuple[bytes, int, int]] = []
+        self.rows: list[tuple[bytes, int, int, int, int]] = []
         self._hasher = blake3.blake3()
         self._tmp = store.root / "tmp" / f"{os.getpid()}-{time.monotonic_ns()}.pack"
         self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self.name: str | None = None
 
-    def add(self, digest: bytes, data: memoryview) -> int:
+    def add(self, digest: bytes, data: Bytes, raw_length: int, codec: int) -> int:
+        """Append one chunk as stored (`data`, maybe compressed); returns its offset."""
         offset = self.size
-        view = data
+        view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view) :]
         self._hasher.update(data)
         self.size += len(data)
-        self.rows.append((digest, offset, len(data)))
+        self.rows.append((digest, offset, len(data), raw_length, codec))
         return offset
 
     def finish(self) -> str:
@@ -73,6 +85,27 @@ class PackWriter:
             self._tmp.unlink()
 
 
+class _Compressor:
+    """zstd for chunks it shrinks by at least 10%; the rest (weights, media) stay raw, so
+    reading them costs no decompression."""
+
+    def __init__(self, level: int = 3) -> None:
+        import zstandard
+
+        self._zstd = zstandard.ZstdCompressor(level=level)
+
+    def pack(self, data: memoryview) -> tuple[Bytes, int]:
+        # A sample first: incompressible chunks (random weights) cost a 64 KiB attempt only.
+        if len(data) > 256 * 1024:
+            sample = self._zstd.compress(data[: 64 * 1024])
+            if len(sample) > 0.9 * 64 * 1024:
+                return data, ix.CODEC_RAW
+        packed = self._zstd.compress(data)
+        if len(packed) <= 0.9 * len(data):
+            return packed, ix.CODEC_ZSTD
+        return data, ix.CODEC_RAW
+
+
 class _Strings:
     def __init__(self) -> None:
         self.data = bytearray()
@@ -92,15 +125,24 @@ def build(
     name: str,
     *,
     chunk_size: int = ix.DEFAULT_CHUNK_SIZE,
+    small_chunk_size: int = SMALL_CHUNK_SIZE,
+    compress: bool = True,
     pack_size: int = DEFAULT_PACK_SIZE,
     progress: bool | None = None,
 ) -> ImageRef:
-    """Build image `name` from directory `source` into `store` and publish its ref."""
+    """Build image `name` from directory `source` into `store` and publish its ref.
+
+    ELF files (shared libraries, executables) get `small_chunk_size` chunks: they are mapped and
+    paged in at scattered places, so small chunks fetch less around each fault. Everything
+    else gets `chunk_size` chunks. With `compress`, chunks that zstd shrinks are stored
+    compressed (the remote sends fewer bytes); the SSD cache keeps them raw.
+    """
     check_name(name)
     if not source.is_dir():
         raise UsageError(f"{source} is not a directory; give the directory to build from")
-    if chunk_size < 4096 or chunk_size % 4096:
-        raise UsageError(f"chunk size {chunk_size} must be a multiple of 4096")
+    for size in (chunk_size, small_chunk_size):
+        if size < 4096 or size & (size - 1) or size > 1 << 30:
+            raise UsageError(f"chunk size {size} must be a power of two from 4K to 1G")
     store.ensure()
     started = time.monotonic()
     fields = [name for name in ix.ENTRY_DTYPE.names or ()]
@@ -181,13 +223,14 @@ def build(
     total = int(sum(rows[i][col["size"]] for i in regular))
 
     known = store.known_chunks()
-    chunk_rows: list[tuple[bytes, object, int, int]] = []
+    chunk_rows: list[tuple[bytes, object, int, int, int, int]] = []
     writer: PackWriter | None = None
     writers: list[PackWriter] = []
     new_bytes = 0
-    fresh: dict[bytes, tuple[object, int, int]] = {}
+    fresh: dict[bytes, tuple[object, int, int, int, int]] = {}
     show = sys.stderr.isatty() if progress is None else progress
-    buf = bytearray(chunk_size)
+    buf = bytearray(max(chunk_size, small_chunk_size))
+    compressor = _Compressor() if compress else None
     try:
         with _progress(show, total, name) as advance:
             for i in regular:
@@ -195,27 +238,31 @@ def build(
                 entries["chunk_start"][i] = len(chunk_rows)
                 count = 0
                 with open(paths[i], "rb", buffering=0) as f:
+                    cs = small_chunk_size if f.read(4) == ELF_MAGIC else chunk_size
+                    f.seek(0)
+                    entries["chunk_shift"][i] = cs.bit_length() - 1
+                    view = memoryview(buf)[:cs]
                     while True:
-                        n = f.readinto(buf)
+                        n = f.readinto(view)
                         if not n:
                             break
-                        data = memoryview(buf)[:n]
+                        data = view[:n]
                         digest = digest_of(data)
-                        where: tuple[object, int, int] | None = known.get(digest) or fresh.get(
-                            digest
-                        )
+                        where = known.get(digest) or fresh.get(digest)
                         if where is None:
-                            if writer is None or writer.size + n > pack_size:
+                            stored, codec = compressor.pack(data) if compressor else (data, 0)
+                            if writer is None or writer.size + len(stored) > pack_size:
                                 writer = PackWriter(store)
                                 writers.append(writer)
-                            where = (writer, writer.add(digest, data), n)
+                            offset = writer.add(digest, stored, n, codec)
+                            where = (writer, offset, len(stored), n, codec)
                             fresh[digest] = where
-                            new_bytes += n
+                            new_bytes += len(stored)
                         chunk_rows.append((digest, *where))
                         count += 1
                         advance(n)
-                if count != (size + chunk_size - 1) // chunk_size or (
-                    count and chunk_rows[-1][3] != size - (count - 1) * chunk_size
+                if count != (size + cs - 1) // cs or (
+                    count and chunk_rows[-1][4] != size - (count - 1) * cs
                 ):
                     raise ImageFSError(
                         f"{os.fsdecode(paths[i])} changed while the image was being built; "
@@ -235,10 +282,11 @@ def build(
         entries["chunk_start"][i] = entries["chunk_start"][first]
         entries["chunk_count"][i] = entries["chunk_count"][first]
         entries["nlink"][i] = entries["nlink"][first]
+        entries["chunk_shift"][i] = entries["chunk_shift"][first]
 
     pack_names: dict[str, int] = {}
     chunks = np.zeros(len(chunk_rows), dtype=ix.CHUNK_DTYPE)
-    for n, (chunk_digest, pack, offset, length) in enumerate(chunk_rows):
+    for n, (chunk_digest, pack, offset, length, raw_length, codec) in enumerate(chunk_rows):
         pack_name = pack.name if isinstance(pack, PackWriter) else str(pack)
         assert pack_name is not None
         chunks[n] = (
@@ -246,6 +294,8 @@ def build(
             pack_names.setdefault(pack_name, len(pack_names)),
             offset,
             length,
+            raw_length,
+            codec,
         )
     meta: dict[str, Any] = {
         "name": name,

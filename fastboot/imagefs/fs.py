@@ -92,7 +92,6 @@ class ImageOperations(pyfuse3.Operations):
         self.metrics = metrics
         self.recorder = recorder
         self.readahead_chunks = readahead_chunks
-        self.chunk_size = index.chunk_size
         self._files: dict[int, _OpenFile] = {}
         self._next_fh = 1
         self._has_xattrs = len(index.xattrs) > 0
@@ -215,7 +214,7 @@ class ImageOperations(pyfuse3.Operations):
         end = min(off + size, file_size)
         if off >= end:
             return b""
-        cs = self.chunk_size
+        cs = self.index.chunk_size_of(entry)
         first, last = off // cs, (end - 1) // cs
         sequential = off == f.next_offset
         f.next_offset = end

@@ -2,10 +2,12 @@
 
 Layout (little-endian; every section is a packed numpy structured array or raw bytes):
 
-    header   MAGIC (8 bytes) | version u32 | chunk_size u32 | 6 x (offset u64, length u64)
+    header   MAGIC (8 bytes) | version u32 | default chunk size u32 | 6 x (offset u64, length u64)
     entries  ENTRY_DTYPE[n]  one per directory entry; entry 0 is the root directory
-    chunks   CHUNK_DTYPE[m]  (digest, pack number, offset in pack, length); a file's chunks are
-                             contiguous: entries.chunk_start .. + chunk_count
+    chunks   CHUNK_DTYPE[m]  (digest of the raw bytes, pack number, offset and length in the pack,
+                             raw length, codec: 0 raw, 1 zstd); a file's chunks are contiguous:
+                             entries.chunk_start .. + chunk_count, each 2**chunk_shift raw bytes
+                             (the last one shorter)
     packs    32-byte digests of the pack files the chunks live in (chunk.pack indexes this)
     strings  names, symlink targets, xattr names and values, referenced by (offset, length)
     xattrs   XATTR_DTYPE[k]  a file's xattrs are contiguous: entries.xattr_start .. + xattr_count
@@ -64,9 +66,21 @@ ENTRY_DTYPE = np.dtype(
         ("mtime_ns", "<i8"),
         ("target_off", "<u8"),
         ("target_len", "<u4"),
+        ("chunk_shift", "u1"),
     ]
 )
-CHUNK_DTYPE = np.dtype([("digest", "V32"), ("pack", "<u4"), ("offset", "<u8"), ("length", "<u4")])
+CHUNK_DTYPE = np.dtype(
+    [
+        ("digest", "V32"),
+        ("pack", "<u4"),
+        ("offset", "<u8"),
+        ("length", "<u4"),
+        ("raw_length", "<u4"),
+        ("codec", "u1"),
+    ]
+)
+CODEC_RAW = 0
+CODEC_ZSTD = 1
 PACK_DTYPE = np.dtype("V32")
 XATTR_DTYPE = np.dtype(
     [("name_off", "<u8"), ("name_len", "<u4"), ("value_off", "<u8"), ("value_len", "<u4")]
@@ -88,6 +102,9 @@ class ChunkRef:
     """Hex digest naming the pack file (`packs/<pack>.pack`)."""
     offset: int
     length: int
+    """Bytes in the pack (compressed when codec is zstd)."""
+    raw_length: int
+    codec: int = CODEC_RAW
 
     @property
     def hex(self) -> str:
@@ -222,10 +239,12 @@ class ImageIndex:
                 "target": e["target_off"] + e["target_len"] > slen,
                 "children": is_dir & (e["child_start"].astype(np.uint64) + e["child_count"] > n),
                 "chunks": is_reg & (e["chunk_start"] + e["chunk_count"] > len(self.chunks)),
+                "chunk size": is_reg & ((e["chunk_shift"] < 12) | (e["chunk_shift"] > 30)),
                 "chunk count": is_reg
                 & (
                     e["chunk_count"].astype(np.uint64)
-                    != (e["size"] + self.chunk_size - 1) // self.chunk_size
+                    != (e["size"] + (np.uint64(1) << e["chunk_shift"].astype(np.uint64)) - 1)
+                    >> e["chunk_shift"].astype(np.uint64)
                 ),
                 "xattrs": e["xattr_start"].astype(np.uint64) + e["xattr_count"] > len(self.xattrs),
             }
@@ -234,8 +253,11 @@ class ImageIndex:
                 for what, mask in checks.items()
                 if mask.any()
             ]
-            if len(self.chunks) and (self.chunks["pack"] >= len(self.pack_digests)).any():
+            c = self.chunks
+            if len(c) and (c["pack"] >= len(self.pack_digests)).any():
                 bad.append("pack reference")
+            if len(c) and ((c["codec"] > CODEC_ZSTD) | (c["raw_length"] > 1 << 30)).any():
+                bad.append("chunk codec")
             x = self.xattrs
             if len(x) and (
                 (x["name_off"] + x["name_len"] > slen).any()
@@ -345,11 +367,17 @@ class ImageIndex:
             pack=self.pack_hex(int(c["pack"])),
             offset=int(c["offset"]),
             length=int(c["length"]),
+            raw_length=int(c["raw_length"]),
+            codec=int(c["codec"]),
         )
 
     def file_chunk(self, entry: int, k: int) -> ChunkRef:
-        """Chunk k (covering bytes [k*chunk_size, ...)) of regular file `entry`."""
+        """Chunk k (raw bytes [k * chunk_size_of(entry), ...)) of regular file `entry`."""
         return self.chunk(int(self.entries["chunk_start"][entry]) + k)
+
+    def chunk_size_of(self, entry: int) -> int:
+        """Raw bytes per chunk of regular file `entry` (its last chunk may be shorter)."""
+        return 1 << int(self.entries["chunk_shift"][entry])
 
     def chunk_count(self, entry: int) -> int:
         return int(self.entries["chunk_count"][entry])
@@ -377,5 +405,5 @@ class ImageIndex:
 
     @property
     def stored_bytes(self) -> int:
-        """Bytes of the distinct chunks the image references."""
+        """Bytes of the distinct chunks the image references, as stored (compressed)."""
         return int(self.chunks["length"][self.unique_chunks()].astype(np.int64).sum())

@@ -6,7 +6,9 @@ the daemon, so `fastboot_imagefs_read_bytes_total` counts only what the kernel a
 
     chunk_hits_total{tier}       chunk lookups that tier answered
     chunk_misses_total{tier}     chunk lookups that fell through that tier
-    chunk_bytes_total{tier}      bytes a tier below RAM delivered (each chunk once per load)
+    chunk_bytes_total{tier}      bytes a tier below RAM delivered, as stored (local and remote:
+                                 compressed; each chunk once per load)
+    remote_raw_bytes_total       the same chunks from the remote, decompressed
     corrupt_chunks_total{tier}   chunks whose bytes failed their BLAKE3 (never served)
     remote_fetch_seconds         latency of one ranged GET (demand, readahead or prefetch)
     remote_errors_total          remote GETs that failed (down, bad status, short body)
@@ -50,6 +52,9 @@ class Metrics:
             registry=r,
         )
         self.remote_errors = Counter(p + "remote_errors", "Remote GETs that failed", registry=r)
+        self.remote_raw_bytes = Counter(
+            p + "remote_raw_bytes", "Raw (decompressed) bytes of chunks from the remote", registry=r
+        )
         self.coalesced = Counter(
             p + "singleflight_coalesced",
             "Misses that waited for an in-flight fetch of the same chunk",

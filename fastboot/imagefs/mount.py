@@ -50,6 +50,9 @@ class MountOptions:
     prefetch: bool = True
     prefetch_rate: int = 256 * 1024 * 1024
     record: bool = True
+    read_ahead_kb: int = 1024
+    """Kernel readahead of the mount (bigger: fewer, larger reads of big files; smaller: fewer
+    bytes fetched around each page fault of a mapped file, e.g. a shared library)."""
     ready_timeout_s: float = 30.0
 
 
@@ -167,6 +170,7 @@ def mount(
         prefetch=options.prefetch,
         prefetch_rate=options.prefetch_rate,
         record=options.record,
+        read_ahead_kb=options.read_ahead_kb,
         log_level=envs.log_level(),
         ready_fd=write_fd,
     )

@@ -225,6 +225,6 @@ def _fetch_span(tiers: Tiers, span: Span) -> int:
             logger.warning("prefetch: %s", exc)
             continue
         tiers.prefetched.add(ref.digest)
-        tiers.metrics.prefetch_bytes.inc(ref.length)
+        tiers.metrics.prefetch_bytes.inc(ref.raw_length)
         got += ref.length
     return got

@@ -33,11 +33,19 @@ from typing import Any
 import numpy as np
 
 from fastboot.errors import ImageCorruptError, ImageFSError, ImageNotFoundError, UsageError
-from fastboot.imagefs.index import ChunkDigest, ChunkRef, ImageIndex
+from fastboot.imagefs.index import CODEC_RAW, ChunkDigest, ChunkRef, ImageIndex
 
 logger = logging.getLogger(__name__)
 
-PACK_TABLE_DTYPE = np.dtype([("digest", "V32"), ("offset", "<u8"), ("length", "<u4")])
+PACK_TABLE_DTYPE = np.dtype(
+    [
+        ("digest", "V32"),
+        ("offset", "<u8"),
+        ("length", "<u4"),
+        ("raw_length", "<u4"),
+        ("codec", "u1"),
+    ]
+)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 REF_FORMAT = 1
@@ -61,6 +69,18 @@ def digest_of(data: Bytes) -> ChunkDigest:
     if len(data) >= 1 << 20:
         return ChunkDigest(blake3.blake3(data, max_threads=blake3.blake3.AUTO).digest())
     return ChunkDigest(blake3.blake3(data).digest())
+
+
+def decode(ref: ChunkRef, stored: Bytes) -> Bytes:
+    """The raw bytes of a chunk from its stored form (not yet verified: check the digest)."""
+    if ref.codec == CODEC_RAW:
+        return stored
+    import zstandard
+
+    try:
+        return zstandard.ZstdDecompressor().decompress(stored, max_output_size=ref.raw_length)
+    except zstandard.ZstdError as exc:
+        raise ImageCorruptError(f"chunk {ref.hex[:16]}… does not decompress ({exc})") from exc
 
 
 @dataclass(frozen=True)
@@ -232,18 +252,23 @@ class ImageStore:
 
     # -- packs and the SSD cache --------------------------------------------------------------
 
-    def known_chunks(self) -> dict[bytes, tuple[str, int, int]]:
-        """digest -> (pack, offset, length) for every chunk in this store's packs."""
-        known: dict[bytes, tuple[str, int, int]] = {}
+    def known_chunks(self) -> dict[bytes, tuple[object, int, int, int, int]]:
+        """digest -> (pack, offset, length, raw length, codec) for every chunk in local packs."""
+        known: dict[bytes, tuple[object, int, int, int, int]] = {}
         for table in sorted((self.root / "packs").glob("*.idx")):
             pack = table.stem
             if not self.pack_path(pack).exists():
                 continue
             rows = np.fromfile(table, dtype=PACK_TABLE_DTYPE)
-            for digest, offset, length in zip(
-                rows["digest"], rows["offset"].tolist(), rows["length"].tolist(), strict=True
+            for digest, offset, length, raw_length, codec in zip(
+                rows["digest"],
+                rows["offset"].tolist(),
+                rows["length"].tolist(),
+                rows["raw_length"].tolist(),
+                rows["codec"].tolist(),
+                strict=True,
             ):
-                known.setdefault(digest.tobytes(), (pack, offset, length))
+                known.setdefault(digest.tobytes(), (pack, offset, length, raw_length, codec))
         return known
 
     def has_pack(self, pack: str) -> bool:

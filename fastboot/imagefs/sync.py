@@ -19,7 +19,7 @@ from fastboot.imagefs.index import ChunkRef, ImageIndex
 from fastboot.imagefs.metrics import Metrics
 from fastboot.imagefs.prefetch import plan
 from fastboot.imagefs.remote import RemoteClient
-from fastboot.imagefs.store import ImageRef, ImageStore, check_name, digest_of
+from fastboot.imagefs.store import ImageRef, ImageStore, check_name, decode, digest_of
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +113,12 @@ def verify(store: ImageStore, name: str) -> VerifyReport:
     report = VerifyReport()
 
     def check(chunk: ChunkRef) -> str:
-        data = store.read_local(chunk)
-        if data is not None:
+        stored = store.read_local(chunk)
+        if stored is not None:
+            try:
+                data = decode(chunk, stored)
+            except ImageCorruptError:
+                return "corrupt"
             return "ok" if digest_of(data) == chunk.digest else "corrupt"
         cached = store.read_cached(chunk.hex)
         if cached is None:

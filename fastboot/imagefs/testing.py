@@ -129,3 +129,49 @@ class Nginx:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def torch_venv(dest: Path, python: str | None = None) -> Path:
+    """A small virtual environment at `dest` with torch and exactly the top-level packages that
+    `import torch` loads from this interpreter's site-packages, hardlinked (copied across
+    filesystems). Its bin/python runs `import torch` from wherever the tree is (an image)."""
+    import sys
+    import sysconfig
+
+    site = Path(sysconfig.get_paths()["purelib"])
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, torch\n"
+            f"site = {str(site)!r} + '/'\n"
+            "for m in list(sys.modules.values()):\n"
+            "    f = getattr(m, '__file__', None) or ''\n"
+            "    if f.startswith(site): print(f[len(site):].split('/')[0])\n",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    tops = sorted(
+        {t for t in probe.stdout.split() if not t.startswith(("__editable__", "_distutils_hack"))}
+    )
+    base = python or os.path.realpath(sys.executable)
+    subprocess.run([base, "-m", "venv", "--without-pip", str(dest)], check=True, timeout=120)
+    target = dest / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+    for top in tops:
+        for name in (top, f"{top}.libs"):
+            src = site / name
+            if src.is_dir():
+                shutil.copytree(src, target / name, copy_function=_link_or_copy, symlinks=True)
+            elif src.exists():
+                _link_or_copy(str(src), str(target / name))
+    return dest
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

@@ -20,11 +20,11 @@ from fastboot.errors import ImageCorruptError, ImageFSError
 from fastboot.imagefs.index import ChunkDigest, ChunkRef
 from fastboot.imagefs.metrics import Metrics
 from fastboot.imagefs.remote import RemoteClient
-from fastboot.imagefs.store import ImageStore, digest_of
+from fastboot.imagefs.store import ImageStore, decode, digest_of
 
 logger = logging.getLogger(__name__)
 
-Blob = bytes | bytearray
+Blob = bytes | bytearray | memoryview
 
 
 class ChunkUnavailable(ImageFSError):
@@ -93,7 +93,7 @@ class Tiers:
         digest = ref.digest
         if reader and digest in self.prefetched:
             self.prefetched.discard(digest)
-            self.metrics.prefetch_used.inc(ref.length)
+            self.metrics.prefetch_used.inc(ref.raw_length)
         data = self.ram.get(digest)
         if data is not None:
             self.metrics.hits.labels("ram").inc()
@@ -145,17 +145,19 @@ class Tiers:
     def load(self, ref: ChunkRef) -> Blob:
         """Read `ref` from the first tier that has it intact (blocking)."""
         m = self.metrics
-        data: Blob | None = self.store.read_local(ref)
-        if data is not None:
-            if self._intact(ref, data, "local"):
+        stored = self.store.read_local(ref)
+        if stored is not None:
+            data = self._decoded(ref, stored, "local")
+            if data is not None:
                 m.hits.labels("local").inc()
-                m.bytes.labels("local").inc(len(data))
+                m.bytes.labels("local").inc(len(stored))
                 return data
         else:
             m.misses.labels("local").inc()
-        data = self.store.read_cached(ref.hex)
-        if data is not None:
-            if self._intact(ref, data, "cache"):
+        cached = self.store.read_cached(ref.hex)
+        if cached is not None:
+            data = self._decoded(ref, cached, "cache", raw=True)
+            if data is not None:
                 m.hits.labels("cache").inc()
                 m.bytes.labels("cache").inc(len(data))
                 return data
@@ -181,9 +183,10 @@ class Tiers:
         self.metrics.remote_seconds.observe(time.perf_counter() - started)
         return self.accept_remote(ref, data)
 
-    def accept_remote(self, ref: ChunkRef, data: Blob) -> Blob:
-        """Verify remote bytes of `ref`, cache them on SSD and count them (blocking)."""
-        if not self._intact(ref, data, "remote"):
+    def accept_remote(self, ref: ChunkRef, stored: Blob) -> Blob:
+        """Decode and verify remote bytes of `ref`, cache them on SSD, count them (blocking)."""
+        data = self._decoded(ref, stored, "remote")
+        if data is None:
             raise ImageCorruptError(
                 f"chunk {ref.hex[:16]}… from {self.remote.base_url if self.remote else 'remote'}"
                 f"/packs/{ref.pack[:16]}… does not match its digest; not served. Re-push the "
@@ -194,23 +197,31 @@ class Tiers:
         except OSError as exc:
             logger.warning("could not keep chunk %s in the SSD cache: %s", ref.hex[:16], exc)
         self.metrics.hits.labels("remote").inc()
-        self.metrics.bytes.labels("remote").inc(len(data))
+        self.metrics.bytes.labels("remote").inc(len(stored))
+        self.metrics.remote_raw_bytes.inc(len(data))
         return data
 
     def is_local(self, ref: ChunkRef) -> bool:
         """Whether a tier below the remote holds `ref` (not verified; blocking)."""
         return self.store.has_pack(ref.pack) or self.store.cache_path(ref.hex).exists()
 
-    def _intact(self, ref: ChunkRef, data: Blob, tier: str) -> bool:
-        if len(data) == ref.length and digest_of(data) == ChunkDigest(ref.digest):
-            return True
+    def _decoded(self, ref: ChunkRef, stored: Blob, tier: str, raw: bool = False) -> Blob | None:
+        """The verified raw bytes of `ref` from a tier's copy, or None (counted, logged)."""
+        why = ""
+        data: Blob | None = None
+        try:
+            data = stored if raw else decode(ref, stored)
+        except ImageFSError as exc:
+            why = str(exc)
+        if data is not None:
+            if len(data) == ref.raw_length and digest_of(data) == ChunkDigest(ref.digest):
+                return data
+            why = f"{len(data)} bytes, expected {ref.raw_length}, digest mismatch"
         self.metrics.corrupt.labels(tier).inc()
         logger.error(
-            "chunk %s from the %s tier is corrupt (%d bytes, expected %d, digest mismatch); "
-            "dropping it and trying the next tier",
+            "chunk %s from the %s tier is corrupt (%s); not served, trying the next tier",
             ref.hex[:16],
             tier,
-            len(data),
-            ref.length,
+            why,
         )
-        return False
+        return None
