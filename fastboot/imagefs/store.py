@@ -185,14 +185,15 @@ class ImageStore:
     # -- atomic writes -----------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def temp_file(self, final: Path) -> Iterator[tuple[int, Path]]:
-        """An fd to write `final`'s content into; renamed into place (0600, fsynced) on success,
-        removed on failure."""
+    def temp_file(self, final: Path, durable: bool = True) -> Iterator[tuple[int, Path]]:
+        """An fd to write `final`'s content into; renamed into place (0600, fsynced if
+        `durable`) on success, removed on failure."""
         tmp = self.root / "tmp" / f"{os.getpid()}-{time.monotonic_ns()}-{final.name}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             yield fd, tmp
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
             os.close(fd)
             fd = -1
             final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -204,8 +205,8 @@ class ImageStore:
                 os.unlink(tmp)
             raise
 
-    def write_atomic(self, final: Path, data: Bytes) -> None:
-        with self.temp_file(final) as (fd, _):
+    def write_atomic(self, final: Path, data: Bytes, durable: bool = True) -> None:
+        with self.temp_file(final, durable) as (fd, _):
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
@@ -299,7 +300,9 @@ class ImageStore:
         path = self.cache_path(digest_hex)
         if not path.parent.exists():
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.write_atomic(path, data)
+        # No fsync: every cached chunk is verified when read, so one torn by a crash is
+        # refetched, and an fsync per chunk would sit on the miss path of every reader.
+        self.write_atomic(path, data, durable=False)
 
     def drop_cached(self, digest_hex: str) -> None:
         with contextlib.suppress(FileNotFoundError):
