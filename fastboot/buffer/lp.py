@@ -501,5 +501,6 @@ class BufferSizer:
             else:
                 log.warning("buffer LP %s: %s", plan.status.value, plan.message)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=period_s)
+                async with asyncio.timeout(period_s):
+                    await self._wake.wait()
             self._wake.clear()
