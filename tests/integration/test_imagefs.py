@@ -301,7 +301,8 @@ def test_killed_daemon_leaves_enotconn_and_mount_again_recovers(
         time.sleep(0.02)
     with pytest.raises(OSError) as dead:
         os.stat(point / "hello.txt")
-    assert dead.value.errno == errno.ENOTCONN
+    # Depending on the path the kernel takes, ENOTCONN or ECONNABORTED: no daemon behind it.
+    assert dead.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     assert probe(str(point)) == "dead"
     result = fastboot_image(store.root, "mount", "tree", str(point))
     assert result.returncode == 0, result.stderr
