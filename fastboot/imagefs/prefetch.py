@@ -119,18 +119,20 @@ def plan(refs: list[ChunkRef], max_gap: int = MAX_GAP, max_span: int = MAX_SPAN)
 
 
 class TokenBucket:
-    """At most `rate` bytes per second on average (0 = no cap), bursts of up to one second."""
+    """At most `rate` bytes per second on average (0 = no cap), bursts of up to one second.
+    Runs on trio's clock."""
 
     def __init__(self, rate: int) -> None:
         self.rate = rate
         self._tokens = float(rate)
-        self._stamp = time.monotonic()
+        self._stamp: float | None = None
 
     async def take(self, amount: int) -> None:
         if self.rate <= 0:
             return
-        now = time.monotonic()
-        self._tokens = min(float(self.rate), self._tokens + (now - self._stamp) * self.rate)
+        now = trio.current_time()
+        if self._stamp is not None:
+            self._tokens = min(float(self.rate), self._tokens + (now - self._stamp) * self.rate)
         self._stamp = now
         self._tokens -= amount
         if self._tokens < 0:
