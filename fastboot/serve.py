@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -33,14 +32,21 @@ from fastboot.engines import hooks, vllm
 from fastboot.errors import CriuMissingError, FastbootError, UsageError
 from fastboot.snapshot import criu as criu_mod
 from fastboot.snapshot import fingerprint, shm
+from fastboot.snapshot.create import (
+    DIGEST_CACHE,
+    Target,
+    attempt_dir,
+    check_oracle,
+    check_plugin,
+    engine_env,
+    key_id,
+    take,
+)
 from fastboot.snapshot.digests import DigestCache, file_digest
 from fastboot.snapshot.store import Manifest, SnapshotId, Store
-from fastboot.supervisor import EngineTree, become_subreaper, stdout_sink, stop_all, tree_pids
+from fastboot.supervisor import EngineTree, become_subreaper, stdout_sink, stop_all
 
 logger = logging.getLogger(__name__)
-
-#: Digests of snapshot and model files by identity, beside the snapshots (see digests.py).
-DIGEST_CACHE = ".digests.json"
 
 
 @dataclass(frozen=True)
@@ -125,8 +131,7 @@ def snapshot_key(
         "fastboot": __version__,
         "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("VLLM_")},
     }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-    return SnapshotId(digest[:24]), key
+    return key_id(key), key
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -147,28 +152,6 @@ def check_port_free(host: str | None, port: int | None) -> None:
                 f"port {port or 8000} on {address} is busy ({exc.strerror}); "
                 "stop what listens there or pass another --port"
             ) from exc
-
-
-def _engine_env(run_dir: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env[envs.ENGINE_CHILD] = "1"
-    env[envs.PLUGIN_REPORT] = str(run_dir / "plugin-report")
-    return env
-
-
-def _check_plugin(run_dir: Path) -> None:
-    """Engines swallow plugin errors: say whether fastboot's engine-side plugin really ran."""
-    try:
-        lines = (run_dir / "plugin-report").read_text().splitlines()
-    except FileNotFoundError:
-        lines = []
-    if lines:
-        logger.info("engine-side plugin loaded in %d engine processes", len(lines))
-    else:
-        logger.warning(
-            "fastboot's vLLM plugin did not load in the engine (is it excluded by VLLM_PLUGINS, "
-            "or fastboot installed in another environment?); quiesce/resume run from fastboot only"
-        )
 
 
 def serve(config: ServeConfig) -> int:
@@ -198,7 +181,7 @@ def _boot(config: ServeConfig, engine_version: str, run_dir: Path) -> EngineTree
         tree, _, _ = _cold_boot(config, run_dir)
         return tree
     store = config.store
-    store.ensure()
+    # Saved only where the store directory exists: a boot that publishes nothing writes nothing.
     digests = DigestCache(store.root / DIGEST_CACHE)
     try:
         snapshot_id, key = snapshot_key(config, engine_version, digests)
@@ -241,7 +224,7 @@ def _try_restore(
             return None
         criu = criu_mod.find_criu()
         step = time.monotonic()
-        tree = _restore(criu, store.path(snapshot_id), manifest, _attempt_dir(run_dir, "restore"))
+        tree = _restore(criu, store.path(snapshot_id), manifest, attempt_dir(run_dir, "restore"))
         logger.debug("criu restore took %.3f s", time.monotonic() - step)
     except (FastbootError, OSError) as exc:
         hint = "; see `fastboot doctor`" if isinstance(exc, CriuMissingError) else ""
@@ -253,7 +236,7 @@ def _try_restore(
         hooks.load(config.hooks).resume(config.url)
         logger.debug("restored engine answered in %.3f s", time.monotonic() - step)
         step = time.monotonic()
-        _check_oracle(config.url, model, manifest)
+        check_oracle(config.url, model, manifest)
         logger.debug("oracle matched in %.3f s", time.monotonic() - step)
     except (FastbootError, OSError) as exc:
         logger.warning(
@@ -269,12 +252,6 @@ def _try_restore(
         manifest.cold_boot_s,
     )
     return tree
-
-
-def _attempt_dir(run_dir: Path, operation: str) -> Path:
-    """A fresh directory for one CRIU run's log, stats and pidfile (criu refuses to overwrite
-    a pidfile, and a run may restore twice: after a failed check it cold boots and re-snapshots)."""
-    return Path(tempfile.mkdtemp(prefix=f"{operation}-", dir=run_dir))
 
 
 def _restore(criu: criu_mod.Criu, path: Path, manifest: Manifest, workdir: Path) -> EngineTree:
@@ -295,20 +272,11 @@ def _restore(criu: criu_mod.Criu, path: Path, manifest: Manifest, workdir: Path)
     return tree
 
 
-def _check_oracle(url: str, model: str, manifest: Manifest) -> None:
-    want = manifest.oracle
-    got = vllm.complete(url, model, want["prompt"], want["max_tokens"])["choices"][0]
-    if got.get("token_ids") != want["token_ids"]:
-        raise vllm.EngineError(
-            f"oracle mismatch: expected token ids {want['token_ids']}, got {got.get('token_ids')}"
-        )
-
-
 def _cold_boot(config: ServeConfig, run_dir: Path) -> tuple[EngineTree, float, str]:
     """A ready cold-booted engine, the seconds it took, and the model name it serves."""
     start = time.monotonic()
     argv = vllm.command(config.model, config.engine_argv)
-    tree = EngineTree.spawn(argv, _engine_env(run_dir), stdout_sink())
+    tree = EngineTree.spawn(argv, engine_env(run_dir), stdout_sink())
     try:
         model = vllm.wait_ready(config.url, config.ready_timeout_s, tree.alive)
     except vllm.EngineError as exc:
@@ -318,7 +286,7 @@ def _cold_boot(config: ServeConfig, run_dir: Path) -> tuple[EngineTree, float, s
         ) from exc
     elapsed = time.monotonic() - start
     logger.info("cold boot ready in %.1f s", elapsed)
-    _check_plugin(run_dir)
+    check_plugin(run_dir)
     return tree, elapsed, model
 
 
@@ -332,53 +300,10 @@ def _cold_boot_and_snapshot(
     digests: DigestCache,
 ) -> EngineTree:
     tree, cold_s, model = _cold_boot(config, run_dir)
-    try:
-        criu = criu_mod.find_criu()
-        vllm.warm_up(config.url, model)
-        oracle = vllm.oracle(config.url, model)
-        hooks.load(config.hooks).quiesce(config.url)
-    except (FastbootError, OSError) as exc:
-        logger.warning("serving without a snapshot: %s", exc)
+    target = Target(store, snapshot_id, key, host_fp, config.engine_argv, digests, config.hooks)
+    if take(tree, config.url, model, cold_s, target, run_dir) is None:
+        logger.warning("serving without a snapshot")
         return tree
-    with store.partial(snapshot_id) as partial:
-        with shm.criu_lock():
-            shm_before = shm.listing()
-            shm_names = shm.referenced(tree_pids(tree.root_pid))
-            start = time.monotonic()
-            try:
-                workdir = _attempt_dir(run_dir, "dump")
-                criu_mod.dump(criu, tree.root_pid, partial / "images", workdir)
-            except FastbootError as exc:
-                logger.warning("serving without a snapshot: %s", exc)
-                hooks.load(config.hooks).resume(config.url)  # CRIU resumed the engine
-                return tree
-            dump_s = time.monotonic() - start
-            remaps = {n for n in shm.listing() - shm_before if n.startswith("link_remap.")}
-            shm.save(shm_names | remaps, partial / "shm")
-            shm.remove(sorted(remaps))
-            # Saved: the dead tree's /dev/shm files can go (a restore writes them back).
-            tree.after_dump()
-        manifest = store.publish(
-            partial,
-            Manifest(
-                id=snapshot_id,
-                key=key,
-                fingerprint=host_fp,
-                oracle=oracle,
-                created=time.time(),
-                cold_boot_s=cold_s,
-                dump_s=dump_s,
-                engine_argv=config.engine_argv,
-                stdio_pipe=tree.stdio_pipe,
-            ),
-            digests,
-        )
-    logger.info(
-        "snapshot %s published: %.2f GB, dumped in %.1f s",
-        snapshot_id[:12],
-        manifest.total_bytes / 1e9,
-        dump_s,
-    )
     restored = _try_restore(config, store, snapshot_id, host_fp, run_dir, digests)
     if restored is None:
         # The fresh snapshot does not restore here: never keep it, and serve from a cold boot.

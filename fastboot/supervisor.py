@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import BinaryIO, ClassVar
 
 from fastboot.errors import DependencyError
-from fastboot.snapshot import iouring, shm
+from fastboot.snapshot import iouring, isolation, shm
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ class EngineTree:
         stdio_pipe: str,
         pump: OutputPump,
         shm_at_start: set[str],
+        isolated: bool = False,
     ) -> None:
         self.root_pid = root_pid
         """Host pid of the engine's pid 1."""
@@ -115,16 +116,24 @@ class EngineTree:
         self.shm_names: set[str] = set()
         """/dev/shm files put back for a restore; removed once the tree is reaped."""
         self._shm_at_start = shm_at_start
+        self.isolated = isolated
+        """In its own mount namespace: its /dev/shm is private and goes away with it."""
         EngineTree.live.add(self)
 
     @classmethod
-    def spawn(cls, argv: list[str], env: Mapping[str, str], sink: BinaryIO) -> EngineTree:
-        """Start argv as pid 1 of a new pid namespace, io_uring blocked, output to sink."""
+    def spawn(
+        cls, argv: list[str], env: Mapping[str, str], sink: BinaryIO, netns: str | None = None
+    ) -> EngineTree:
+        """Start argv as pid 1 of a new pid namespace, io_uring blocked, output to sink; with
+        netns, also in that network namespace and a new mount namespace (see isolation)."""
         shm_at_start = shm.listing()
         read_fd, write_fd = os.pipe()
         # Not --kill-child: that sets PR_SET_PDEATHSIG, which CRIU restores, and the restored
         # pid 1 was SIGKILLed the moment criu (its parent during restore) exited.
-        command = ["unshare", "--pid", "--fork", "--", *iouring.wrap(argv, setsid=True)]
+        if netns is None:
+            command = ["unshare", "--pid", "--fork", "--", *iouring.wrap(argv, setsid=True)]
+        else:
+            command = [*isolation.engine_wrapper(netns), *iouring.wrap(argv, setsid=True)]
         try:
             popen = subprocess.Popen(
                 command,
@@ -150,14 +159,19 @@ class EngineTree:
             time.sleep(0.01)
         root = kids[0]
         stdio = os.readlink(f"/proc/{root}/fd/1")
-        return cls(root, popen, stdio, pump, shm_at_start)
+        return cls(root, popen, stdio, pump, shm_at_start, isolated=netns is not None)
 
     @classmethod
     def adopt_restored(
-        cls, root_pid: int, read_fd: int, stdio_pipe: str, sink: BinaryIO
+        cls,
+        root_pid: int,
+        read_fd: int,
+        stdio_pipe: str,
+        sink: BinaryIO,
+        isolated: bool = False,
     ) -> EngineTree:
         pump = OutputPump(read_fd, sink)
-        return cls(root_pid, None, stdio_pipe, pump, shm.listing())
+        return cls(root_pid, None, stdio_pipe, pump, shm.listing(), isolated)
 
     def log_tail(self) -> str:
         """The engine's last output lines."""
@@ -172,7 +186,14 @@ class EngineTree:
                 self.returncode = self._popen.returncode
                 return False
             return Path(f"/proc/{self.root_pid}").exists() and not _is_zombie(self.root_pid)
-        pid, status = os.waitpid(self.root_pid, os.WNOHANG)
+        try:
+            pid, status = os.waitpid(self.root_pid, os.WNOHANG)
+        except ChildProcessError:
+            # Not our child (we were not its subreaper when criu exited): watch it in /proc.
+            if Path(f"/proc/{self.root_pid}").exists() and not _is_zombie(self.root_pid):
+                return True
+            self.returncode = -1
+            return False
         if pid:
             self.returncode = os.waitstatus_to_exitcode(status)
             logger.debug("restored engine %d exited with %s", pid, self.returncode)
@@ -204,7 +225,10 @@ class EngineTree:
         when pid 1 of the namespace exits, the kernel SIGKILLs the rest of the tree (resource
         tracker included), leaving psm_* queues and sem.mp-* semaphores behind. Candidates are
         the files put back for a restore and the engine-made ones that appeared since the tree
-        started; any that a live process still uses are left alone."""
+        started; any that a live process still uses are left alone. An isolated tree's /dev/shm
+        was its own tmpfs, gone with its mount namespace."""
+        if self.isolated:
+            return
         appeared = {
             n for n in shm.listing() - self._shm_at_start if n.startswith(shm.ENGINE_PREFIXES)
         }

@@ -1,4 +1,4 @@
-"""`fastboot snapshot ls | inspect ID | verify ID | rm ID`."""
+"""`fastboot snapshot create MODEL [vllm serve flags] | ls | inspect ID | verify ID | rm ID`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 
 from fastboot import envs
+from fastboot.cli.passthrough import FlagSpec, split_serve_argv
+from fastboot.errors import UsageError
 from fastboot.snapshot.store import Manifest, SnapshotInvalid, Store
 
 
@@ -19,6 +21,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="snapshot directory (default $FASTBOOT_HOME/snapshots)",
     )
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = sub.add_parser(
+        "create",
+        help="snapshot MODEL in its own namespaces, for agents to restore as many replicas",
+        usage="fastboot snapshot create MODEL [vllm serve flags] [--fastboot-hooks MODULE]",
+        description=(
+            "Cold boot `vllm serve MODEL [flags]` in its own network, mount and pid "
+            "namespaces (listening on 0.0.0.0:--port inside, default 8000), warm it up, record "
+            "its oracle, dump it, prove the snapshot restores, and print its id."
+        ),
+    )
+    create.add_argument("argv", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     sub.add_parser("ls", help="list snapshots")
     for name, text in (
         ("inspect", "show everything about one snapshot"),
@@ -37,8 +50,37 @@ def _row(m: Manifest) -> str:
     return f"{m.id[:12]}  {created}  {size}  cold {m.cold_boot_s:5.1f} s  {engine}  {model}"
 
 
+CREATE_FLAGS = [
+    FlagSpec(
+        "hooks", "module with quiesce(url)/resume(url) run around the dump/after restore", True
+    ),
+]
+
+
+def _create(store: Store, argv: list[str]) -> int:
+    from fastboot.snapshot.create import CreateConfig, create_isolated
+
+    split = split_serve_argv(argv, CREATE_FLAGS)
+    if split.host not in (None, "0.0.0.0"):
+        raise UsageError(
+            "an isolated engine listens on 0.0.0.0 inside its own network namespace; drop --host"
+        )
+    config = CreateConfig(
+        model=split.model,
+        engine_argv=list(split.engine_argv),
+        store=store,
+        port=split.port or 8000,
+        hooks=str(split.fastboot["hooks"]) if "hooks" in split.fastboot else None,
+    )
+    manifest = create_isolated(config)
+    print(manifest.id)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     store = Store(args.dir or envs.home() / "snapshots")
+    if args.action == "create":
+        return _create(store, args.argv)
     if args.action == "ls":
         for item in store.list():
             print(_row(item) if isinstance(item, Manifest) else f"INVALID  {item}")

@@ -174,19 +174,35 @@ def _first_error(log: Path, stderr: str) -> str:
     return (errors or lines or ["no output"])[0].strip()
 
 
-def dump(criu: Criu, tree_pid: int, images: Path, workdir: Path) -> None:
+def dump(
+    criu: Criu,
+    tree_pid: int,
+    images: Path,
+    workdir: Path,
+    extra: tuple[str, ...] = (),
+) -> None:
     """Dump the tree rooted at tree_pid into images; the tree is killed when the dump succeeds
     (on failure CRIU resumes it). Not --leave-running: with it CRIU removes the link-remap files
     that a restore needs."""
     images.mkdir(parents=True, exist_ok=True, mode=0o700)
-    _run_criu(criu, "dump", ["--tree", str(tree_pid)], images, workdir)
+    argv = ["--tree", str(tree_pid), *extra]
+    _run_criu(criu, "dump", argv, images, workdir)
 
 
-def restore(criu: Criu, images: Path, workdir: Path, stdio_pipe: str, stdio_fd: int) -> int:
+def restore(
+    criu: Criu,
+    images: Path,
+    workdir: Path,
+    stdio_pipe: str,
+    stdio_fd: int,
+    extra: tuple[str, ...] = (),
+    pass_fds: tuple[int, ...] = (),
+) -> int:
     """Restore detached; the engine's stdout/stderr pipe is replaced by stdio_fd (the write end of
     a new pipe). Returns the restored root's pid (a child of the nearest subreaper)."""
     pidfile = workdir / "restored.pid"
     argv = ["--restore-detached", "--pidfile", str(pidfile)]
-    argv += ["--inherit-fd", f"fd[{stdio_fd}]:{stdio_pipe}"]
-    _run_criu(criu, "restore", argv, images, workdir, pass_fds=(stdio_fd,))
+    argv += ["--inherit-fd", f"fd[{stdio_fd}]:{stdio_pipe}", *extra]
+    fds = (stdio_fd, *pass_fds)
+    _run_criu(criu, "restore", argv, images, workdir, pass_fds=fds)
     return int(pidfile.read_text().strip())

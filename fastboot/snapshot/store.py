@@ -61,6 +61,12 @@ class Manifest:
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Relative path -> {"size": bytes, "blake3": hex} for every file but the manifest."""
     format: int = FORMAT
+    model_name: str = ""
+    """The model name the engine serves (what clients put in "model")."""
+    isolation: dict[str, Any] | None = None
+    """None: taken on the host's network (`fastboot serve`). Else an isolated engine (own
+    network and mount namespaces; see fastboot.snapshot.isolation): {"port": port it listens
+    on inside its namespace}."""
 
     @property
     def total_bytes(self) -> int:
@@ -79,6 +85,8 @@ class Manifest:
             "engine_argv": self.engine_argv,
             "stdio_pipe": self.stdio_pipe,
             "files": self.files,
+            "model_name": self.model_name,
+            "isolation": self.isolation,
         }
 
     @classmethod

@@ -1,0 +1,292 @@
+"""Taking a snapshot of a ready engine: warm up, record the oracle, quiesce, dump, publish.
+
+`take()` is shared by `fastboot serve` (an engine in a pid namespace on the host's network) and
+`fastboot snapshot create` (`create_isolated()`: an engine in its own network and mount
+namespaces, which the agent restores many times at once; see fastboot.snapshot.isolation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastboot import netns
+from fastboot.engines import hooks, vllm
+from fastboot.errors import FastbootError
+from fastboot.snapshot import criu as criu_mod
+from fastboot.snapshot import fingerprint, isolation, shm
+from fastboot.snapshot.digests import DigestCache
+from fastboot.snapshot.store import Manifest, SnapshotId, Store
+from fastboot.supervisor import EngineTree, become_subreaper, stdout_sink, stop_all, tree_pids
+
+logger = logging.getLogger(__name__)
+
+#: Digests of snapshot and model files by identity, beside the snapshots (see digests.py).
+DIGEST_CACHE = ".digests.json"
+#: Links of the throw-away namespaces isolated snapshots are taken in (one /30 per process).
+SNAPSHOT_SUBNET = "10.212.0.0/16"
+
+
+def engine_env(run_dir: Path) -> dict[str, str]:
+    from fastboot import envs
+
+    env = dict(os.environ)
+    env[envs.ENGINE_CHILD] = "1"
+    env[envs.PLUGIN_REPORT] = str(run_dir / "plugin-report")
+    return env
+
+
+def check_plugin(run_dir: Path) -> None:
+    """Engines swallow plugin errors: say whether fastboot's engine-side plugin really ran."""
+    try:
+        lines = (run_dir / "plugin-report").read_text().splitlines()
+    except FileNotFoundError:
+        lines = []
+    if lines:
+        logger.info("engine-side plugin loaded in %d engine processes", len(lines))
+    else:
+        logger.warning(
+            "fastboot's vLLM plugin did not load in the engine (is it excluded by VLLM_PLUGINS, "
+            "or fastboot installed in another environment?); quiesce/resume run from fastboot only"
+        )
+
+
+def attempt_dir(run_dir: Path, operation: str) -> Path:
+    """A fresh directory for one CRIU run's log, stats and pidfile (criu refuses to overwrite
+    a pidfile, and a run may restore twice: after a failed check it cold boots and re-snapshots)."""
+    return Path(tempfile.mkdtemp(prefix=f"{operation}-", dir=run_dir))
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a new snapshot goes and what it is a snapshot of."""
+
+    store: Store
+    snapshot_id: SnapshotId
+    key: dict[str, Any]
+    """The key parts the id is the digest of."""
+    host: fingerprint.Fingerprint
+    engine_argv: list[str]
+    digests: DigestCache
+    hooks: str | None = None
+    """Module with quiesce/resume hooks."""
+    isolation: dict[str, Any] | None = None
+    """Set for an isolated engine (see Manifest.isolation)."""
+
+
+def key_id(key: dict[str, Any]) -> SnapshotId:
+    return SnapshotId(hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24])
+
+
+def take(
+    tree: EngineTree, url: str, model: str, cold_s: float, target: Target, run_dir: Path
+) -> Manifest | None:
+    """Snapshot the ready engine tree (the dump kills it) and publish the snapshot. None, with
+    the reason logged, when it could not be taken: the engine then still runs (CRIU resumes a
+    tree whose dump failed) and the caller may serve it."""
+    quiesced = False
+    try:
+        criu = criu_mod.find_criu()
+        vllm.warm_up(url, model)
+        oracle = vllm.oracle(url, model)
+        hooks.load(target.hooks).quiesce(url)
+        quiesced = True
+        with target.store.partial(target.snapshot_id) as partial:
+            dump_s = _dump(criu, tree, partial, run_dir)
+            manifest = target.store.publish(
+                partial,
+                Manifest(
+                    id=target.snapshot_id,
+                    key=target.key,
+                    fingerprint=target.host,
+                    oracle=oracle,
+                    created=time.time(),
+                    cold_boot_s=cold_s,
+                    dump_s=dump_s,
+                    engine_argv=target.engine_argv,
+                    stdio_pipe=tree.stdio_pipe,
+                    model_name=model,
+                    isolation=target.isolation,
+                ),
+                target.digests,
+            )
+    except (FastbootError, OSError) as exc:
+        logger.warning("no snapshot: %s", exc)
+        if quiesced and tree.alive():
+            hooks.load(target.hooks).resume(url)  # CRIU resumed the engine
+        return None
+    logger.info(
+        "snapshot %s published: %.2f GB, dumped in %.1f s",
+        target.snapshot_id[:12],
+        manifest.total_bytes / 1e9,
+        dump_s,
+    )
+    return manifest
+
+
+def _dump(criu: criu_mod.Criu, tree: EngineTree, partial: Path, run_dir: Path) -> float:
+    """Dump the tree into partial and save the /dev/shm files it needs; returns seconds."""
+    workdir = attempt_dir(run_dir, "dump")
+    if tree.isolated:
+        start = time.monotonic()
+        isolation.dump(criu, tree.root_pid, partial / "images", workdir)
+        dump_s = time.monotonic() - start
+        tree.after_dump()
+        return dump_s
+    with shm.criu_lock():
+        shm_before = shm.listing()
+        shm_names = shm.referenced(tree_pids(tree.root_pid))
+        start = time.monotonic()
+        criu_mod.dump(criu, tree.root_pid, partial / "images", workdir)
+        dump_s = time.monotonic() - start
+        remaps = {n for n in shm.listing() - shm_before if n.startswith("link_remap.")}
+        shm.save(shm_names | remaps, partial / "shm")
+        shm.remove(sorted(remaps))
+        # Saved: the dead tree's /dev/shm files can go (a restore writes them back).
+        tree.after_dump()
+    return dump_s
+
+
+def restore_isolated(
+    store: Store, manifest: Manifest, link: netns.Link, run_dir: Path
+) -> EngineTree:
+    """Restore an isolated snapshot into link's namespace (no readiness check here)."""
+    criu = criu_mod.find_criu()
+    path = store.path(manifest.id)
+    read_fd, write_fd = os.pipe()
+    try:
+        pid = isolation.restore(
+            criu,
+            path / "images",
+            attempt_dir(run_dir, "restore"),
+            link.netns,
+            manifest.stdio_pipe,
+            write_fd,
+        )
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    return EngineTree.adopt_restored(
+        pid, read_fd, manifest.stdio_pipe, stdout_sink(), isolated=True
+    )
+
+
+def check_oracle(url: str, model: str, manifest: Manifest) -> None:
+    want = manifest.oracle
+    got = vllm.complete(url, model, want["prompt"], want["max_tokens"])["choices"][0]
+    if got.get("token_ids") != want["token_ids"]:
+        raise vllm.EngineError(
+            f"oracle mismatch: expected token ids {want['token_ids']}, got {got.get('token_ids')}"
+        )
+
+
+@dataclass(frozen=True)
+class CreateConfig:
+    """What `fastboot snapshot create` was asked to do."""
+
+    model: str
+    """MODEL as given (a local directory or a hub name)."""
+    engine_argv: list[str]
+    """Flags for `vllm serve`, verbatim (fastboot appends --host 0.0.0.0 --port PORT)."""
+    store: Store
+    port: int = 8000
+    """The port the engine listens on inside its namespace (every replica: the same)."""
+    hooks: str | None = None
+    ready_timeout_s: float = 900.0
+
+
+def create_isolated(config: CreateConfig) -> Manifest:
+    """Cold boot the engine in its own namespaces, snapshot it, and prove the snapshot restores
+    (once, into a second namespace, oracle checked) before returning its manifest. A snapshot
+    that does not restore is removed, never left for an agent to find."""
+    from fastboot.serve import model_identity
+
+    engine_version = vllm.version()
+    config.store.ensure()
+    digests = DigestCache(config.store.root / DIGEST_CACHE)
+    argv = [*config.engine_argv, "--host", "0.0.0.0", "--port", str(config.port)]
+    key = {
+        "engine": vllm.NAME,
+        "engine_version": engine_version,
+        "argv": argv,
+        "model": model_identity(config.model, digests),
+        "fastboot": _fastboot_version(),
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("VLLM_")},
+        "layout": "isolated",
+    }
+    target = Target(
+        store=config.store,
+        snapshot_id=key_id(key),
+        key=key,
+        host=fingerprint.current(f"{vllm.NAME} {engine_version}"),
+        engine_argv=argv,
+        digests=digests,
+        hooks=config.hooks,
+        isolation={"port": config.port},
+    )
+    hooks.load(config.hooks)
+    become_subreaper()  # the probe restore's engine is reparented to us when criu exits
+    # Two links per creating process: one for the engine, one for the probe restore.
+    tag = os.getpid() % 8192
+    link = netns.create(f"fb-snap-{os.getpid()}", f"fbs{tag}e", SNAPSHOT_SUBNET, 2 * tag)
+    probe: netns.Link | None = None
+    try:
+        with tempfile.TemporaryDirectory(prefix="fastboot-create-") as tmp:
+            run_dir = Path(tmp)
+            start = time.monotonic()
+            tree = EngineTree.spawn(
+                vllm.command(config.model, argv), engine_env(run_dir), stdout_sink(), link.netns
+            )
+            url = f"http://{link.ip}:{config.port}"
+            try:
+                model = vllm.wait_ready(url, config.ready_timeout_s, tree.alive)
+            except vllm.EngineError as exc:
+                raise vllm.EngineError(
+                    f"cold boot failed: {exc}; last engine output:\n{tree.log_tail()}"
+                ) from exc
+            cold_s = time.monotonic() - start
+            logger.info("cold boot ready in %.1f s", cold_s)
+            check_plugin(run_dir)
+            manifest = take(tree, url, model, cold_s, target, run_dir)
+            tree.stop()
+            if manifest is None:
+                raise FastbootError("the engine could not be snapshotted (reason above)")
+            # Never publish what does not restore: restore it once, elsewhere, and ask it.
+            probe = netns.create(
+                f"fb-snap-{os.getpid()}-probe", f"fbs{tag}p", SNAPSHOT_SUBNET, 2 * tag + 1
+            )
+            try:
+                restored = restore_isolated(config.store, manifest, probe, run_dir)
+                probe_url = f"http://{probe.ip}:{config.port}"
+                vllm.wait_ready(probe_url, 120, restored.alive)
+                check_oracle(probe_url, model, manifest)
+            except (FastbootError, OSError) as exc:
+                config.store.remove(manifest.id)
+                raise FastbootError(
+                    f"the new snapshot did not restore ({exc}); removed it"
+                ) from exc
+            logger.info("snapshot %s restores and reproduces its oracle", manifest.id[:12])
+            return manifest
+    finally:
+        try:
+            stop_all()
+        finally:
+            digests.save()
+            netns.delete(link)
+            if probe is not None:
+                netns.delete(probe)
+
+
+def _fastboot_version() -> str:
+    from fastboot import __version__
+
+    return __version__
