@@ -169,6 +169,7 @@ def run(config: DaemonConfig) -> int:
             nursery.start_soon(every_second)
             nursery.start_soon(ready)
             await pyfuse3.main()
+            await tiers.drain()
             nursery.cancel_scope.cancel()
 
     try:

@@ -83,10 +83,16 @@ class Tiers:
         self.limiter = trio.CapacityLimiter(threads)
         self._flights: dict[bytes, _Flight] = {}
         self.prefetched: set[bytes] = set()
+        self._from_remote: set[bytes] = set()
         """Digests fetched by prefetch that no reader has asked for yet."""
         self.nursery: trio.Nursery | None = None
-        """Where background readahead runs (set by the daemon)."""
+        """Where background readahead and cache writes run (set by the daemon)."""
         self._readahead_budget = threads
+        self._writer = trio.CapacityLimiter(2)
+        self._write_backlog = 0
+        self.write_backlog_max = 256 * 1024 * 1024
+        """Bytes of verified chunks waiting to be written to the SSD cache; beyond this, chunks
+        are served but not cached (the disk is the bottleneck, not the reader's problem)."""
 
     async def get(self, ref: ChunkRef, *, reader: bool = True) -> Blob:
         """The chunk's verified bytes. `reader` is False for readahead (not counted as use)."""
@@ -108,7 +114,10 @@ class Tiers:
         self.metrics.misses.labels("ram").inc()
         flight = self._flights[digest] = _Flight()
         try:
-            data = await trio.to_thread.run_sync(self.load, ref, limiter=self.limiter)
+            later = self.nursery is not None
+            data = await trio.to_thread.run_sync(self.load, ref, not later, limiter=self.limiter)
+            if later and self.last_tier_remote(ref):
+                self._cache_later(ref, data)
             flight.data = data
             self.ram.put(digest, data)
             return data
@@ -132,6 +141,38 @@ class Tiers:
             self.metrics.readahead.inc()
             self.nursery.start_soon(self._background_get, ref)
 
+    def last_tier_remote(self, ref: ChunkRef) -> bool:
+        return ref.digest in self._from_remote
+
+    def _cache_later(self, ref: ChunkRef, data: Blob) -> None:
+        # Writing to the SSD cache off the reader's path: on this host a 4 MiB write costs
+        # ~10 ms (writeback throttling), several times the ranged GET itself.
+        self._from_remote.discard(ref.digest)
+        if self.nursery is None or self._write_backlog + len(data) > self.write_backlog_max:
+            logger.debug("not caching chunk %s: the write backlog is full", ref.hex[:16])
+            return
+        self._write_backlog += len(data)
+
+        async def write() -> None:
+            try:
+                await trio.to_thread.run_sync(self._put, ref, data, limiter=self._writer)
+            finally:
+                self._write_backlog -= len(data)
+
+        self.nursery.start_soon(write)
+
+    async def drain(self, deadline_s: float = 30.0) -> None:
+        """Wait until the chunks queued for the SSD cache are written (at unmount)."""
+        with trio.move_on_after(deadline_s):
+            while self._write_backlog:
+                await trio.sleep(0.01)
+
+    def _put(self, ref: ChunkRef, data: Blob) -> None:
+        try:
+            self.store.cache_put(ref.hex, data)
+        except OSError as exc:
+            logger.warning("could not keep chunk %s in the SSD cache: %s", ref.hex[:16], exc)
+
     async def _background_get(self, ref: ChunkRef) -> None:
         try:
             await self.get(ref, reader=False)
@@ -142,8 +183,9 @@ class Tiers:
 
     # -- blocking, in worker threads ---------------------------------------------------------
 
-    def load(self, ref: ChunkRef) -> Blob:
-        """Read `ref` from the first tier that has it intact (blocking)."""
+    def load(self, ref: ChunkRef, write_cache: bool = True) -> Blob:
+        """Read `ref` from the first tier that has it intact (blocking). Without `write_cache`,
+        a chunk from the remote is left for the caller to cache (see `last_tier_remote`)."""
         m = self.metrics
         stored = self.store.read_local(ref)
         if stored is not None:
@@ -164,9 +206,9 @@ class Tiers:
             self.store.drop_cached(ref.hex)
         else:
             m.misses.labels("cache").inc()
-        return self.fetch(ref)
+        return self.fetch(ref, write_cache)
 
-    def fetch(self, ref: ChunkRef) -> Blob:
+    def fetch(self, ref: ChunkRef, write_cache: bool = True) -> Blob:
         """Get `ref` from the remote, verify it and keep it in the SSD cache (blocking)."""
         if self.remote is None:
             raise ChunkUnavailable(
@@ -181,9 +223,9 @@ class Tiers:
             self.metrics.misses.labels("remote").inc()
             raise
         self.metrics.remote_seconds.observe(time.perf_counter() - started)
-        return self.accept_remote(ref, data)
+        return self.accept_remote(ref, data, write_cache)
 
-    def accept_remote(self, ref: ChunkRef, stored: Blob) -> Blob:
+    def accept_remote(self, ref: ChunkRef, stored: Blob, write_cache: bool = True) -> Blob:
         """Decode and verify remote bytes of `ref`, cache them on SSD, count them (blocking)."""
         data = self._decoded(ref, stored, "remote")
         if data is None:
@@ -192,10 +234,10 @@ class Tiers:
                 f"/packs/{ref.pack[:16]}… does not match its digest; not served. Re-push the "
                 "image to the remote (or check what rewrites files there)"
             )
-        try:
-            self.store.cache_put(ref.hex, data)
-        except OSError as exc:
-            logger.warning("could not keep chunk %s in the SSD cache: %s", ref.hex[:16], exc)
+        if write_cache:
+            self._put(ref, data)
+        else:
+            self._from_remote.add(ref.digest)
         self.metrics.hits.labels("remote").inc()
         self.metrics.bytes.labels("remote").inc(len(stored))
         self.metrics.remote_raw_bytes.inc(len(data))

@@ -1,0 +1,440 @@
+"""ImageFS against local disk, in one run, with the baseline beside each number.
+
+  1. index: load time of a real 100k-file image's index (target < 100 ms), and mount-to-ready;
+  2. sequential read of a 1 GiB file: local disk (cold via fadvise, and page cache) vs the mount:
+     warm (page cache; target >= 0.9x local), from the SSD chunk cache, and cold from nginx on
+     loopback (target >= 1 GB/s);
+  3. fio: random 4k and sequential 1M reads on the mount vs the local file (both warm);
+  4. dedup: two model variants that share most tensors, stored bytes vs logical bytes;
+  5. `import torch` from a venv image: local vs cold (empty SSD cache, nginx remote), with the
+     recorded prefetch, and warm; bytes fetched vs image size.
+
+Prints a table and writes benchmarks/results/imagefs.json and imagefs.png.
+
+    .venv/bin/python benchmarks/imagefs_bench.py [--skip-torch] [--files 100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fastboot.imagefs import metrics as fbmetrics
+from fastboot.imagefs.build import build
+from fastboot.imagefs.mount import MountOptions, mounted
+from fastboot.imagefs.store import ImageStore, MountRecord
+from fastboot.imagefs.sync import pull
+from fastboot.imagefs.testing import Nginx, torch_venv
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+def read_seq(path: Path, block: int = MiB) -> float:
+    """Seconds to read `path` start to end in `block` reads into one reused buffer."""
+    buf = bytearray(block)
+    view = memoryview(buf)
+    started = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(view):
+            pass
+    return time.perf_counter() - started
+
+
+def drop_cache(path: Path) -> None:
+    """Evict one file from the page cache (only this file; nothing host-wide)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def fio(path: Path, rw: str, bs: str, size: str, warm: bool, runtime: int = 5) -> dict[str, float]:
+    """fio on one file; `warm` keeps the page cache (fio drops the file's pages by default)."""
+    out = subprocess.run(
+        [
+            "fio",
+            "--name=b",
+            f"--filename={path}",
+            f"--rw={rw}",
+            f"--bs={bs}",
+            f"--size={size}",
+            "--ioengine=psync",
+            "--readonly",
+            "--time_based",
+            f"--runtime={runtime}",
+            "--output-format=json",
+            f"--invalidate={0 if warm else 1}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    job = json.loads(out.stdout[out.stdout.index("{") :])["jobs"][0]["read"]
+    return {"iops": float(job["iops"]), "MBps": float(job["bw_bytes"]) / 1e6}
+
+
+def values(record: MountRecord) -> dict[str, float]:
+    return fbmetrics.read_textfile(Path(record.metrics_file))
+
+
+def fresh(store: ImageStore) -> None:
+    shutil.rmtree(store.root / "cache", ignore_errors=True)
+    (store.root / "cache").mkdir(mode=0o700)
+
+
+def bench_index(work: Path, files: int) -> dict[str, Any]:
+    src = work / "many"
+    per_dir = 1000
+    for d in range(files // per_dir):
+        sub = src / f"pkg{d:03d}"
+        sub.mkdir(parents=True)
+        for i in range(per_dir):
+            (sub / f"mod_{i:04d}.py").write_bytes(f"X = {d * per_dir + i}\n".encode())
+    store = ImageStore(work / "store-many")
+    started = time.perf_counter()
+    ref = build(store, src, "many", progress=False)
+    build_s = time.perf_counter() - started
+    loads = []
+    for _ in range(7):
+        started = time.perf_counter()
+        index = store.load_index(ref.index)
+        loads.append(time.perf_counter() - started)
+        del index
+    point = work / "mnt-many"
+    point.mkdir()
+    started = time.perf_counter()
+    with mounted("many", point, store):
+        mount_s = time.perf_counter() - started
+        started = time.perf_counter()
+        listed = sum(len(files) for _, _, files in os.walk(point))
+        walk_s = time.perf_counter() - started
+    started = time.perf_counter()
+    local = sum(len(files) for _, _, files in os.walk(src))
+    local_walk_s = time.perf_counter() - started
+    assert listed == local == files
+    return {
+        "files": files,
+        "index_bytes": store.index_path(ref.index).stat().st_size,
+        "build_s": build_s,
+        "index_load_ms": 1000 * min(loads),
+        "index_load_ms_median": 1000 * float(np.median(loads)),
+        "mount_to_ready_s": mount_s,
+        "walk_s": walk_s,
+        "local_walk_s": local_walk_s,
+    }
+
+
+def bench_sequential(work: Path, server: Nginx) -> dict[str, Any]:
+    src = work / "big"
+    src.mkdir()
+    big = src / "weights.bin"
+    rng = np.random.default_rng(1)
+    with open(big, "wb") as f:
+        for _ in range(GiB // (64 * MiB)):
+            f.write(rng.integers(0, 256, 64 * MiB, dtype=np.uint8).tobytes())
+    out: dict[str, Any] = {}
+    drop_cache(big)
+    out["local_cold_s"] = read_seq(big)
+    out["local_warm_s"] = min(read_seq(big) for _ in range(3))
+
+    origin = ImageStore(work / "store-big")
+    started = time.perf_counter()
+    build(origin, src, "big", progress=False)
+    out["build_s"] = time.perf_counter() - started
+    origin.push("big", server.root)
+    host = ImageStore(work / "host-big")
+    pull(host, "big", server.url)
+    point = work / "mnt-big"
+    point.mkdir()
+    opts = MountOptions(prefetch=False, record=False, ram_bytes=512 * MiB)
+    with mounted("big", point, host, opts) as record:
+        out["remote_cold_s"] = read_seq(point / "weights.bin")
+        out["warm_s"] = min(read_seq(point / "weights.bin") for _ in range(3))
+        mount_fio = {
+            (rw, warm): fio(point / "weights.bin", rw, bs, "1G", warm)
+            for rw, bs in (("randread", "4k"), ("read", "1M"))
+            for warm in (True, False)
+        }
+    cold = values(record)
+    out["remote_gets"] = cold["fastboot_imagefs_remote_fetch_seconds_count"]
+    out["remote_fetch_ms_mean"] = (
+        1000 * cold["fastboot_imagefs_remote_fetch_seconds_sum"] / max(out["remote_gets"], 1)
+    )
+    with mounted("big", point, host, opts):  # chunks in the SSD cache, page cache empty
+        out["ssd_cache_s"] = read_seq(point / "weights.bin")
+    out["fio"] = {}
+    for rw, bs in (("randread", "4k"), ("read", "1M")):
+        for warm in (True, False):
+            out["fio"][f"{rw}_{bs}_{'warm' if warm else 'cold'}"] = {
+                "local": fio(big, rw, bs, "1G", warm),
+                "mount": mount_fio[(rw, warm)],
+            }
+    for key in ("local_cold", "local_warm", "remote_cold", "warm", "ssd_cache"):
+        out[f"{key}_GBps"] = GiB / out[f"{key}_s"] / 1e9
+    return out
+
+
+def bench_dedup(work: Path) -> dict[str, Any]:
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(2)
+    tensors = {f"layer{i}.weight": rng.standard_normal((1024, 1024), np.float32) for i in range(24)}
+    a, b = work / "model-a", work / "model-b"
+    a.mkdir()
+    b.mkdir()
+    save_file(tensors, str(a / "model.safetensors"))
+    (a / "config.json").write_text('{"layers": 24}')
+    tuned = dict(tensors)
+    for name in ("layer22.weight", "layer23.weight"):  # a fine-tune of the last two layers
+        tuned[name] = tensors[name] + 0.01
+    save_file(tuned, str(b / "model.safetensors"))
+    (b / "config.json").write_text('{"layers": 24, "tuned": true}')
+    store = ImageStore(work / "store-dedup")
+    build(store, a, "model-a", progress=False)
+    build(store, b, "model-b", progress=False)
+    logical = sum(r.total_bytes for r in store.list_refs())
+    stored = sum(p.stat().st_size for p in (store.root / "packs").glob("*.pack"))
+    return {"logical_bytes": logical, "stored_bytes": stored, "ratio": logical / stored}
+
+
+def bench_torch(work: Path, server: Nginx) -> dict[str, Any]:
+    venv = torch_venv(work / "venv")
+    python_local = [str(venv / "bin" / "python"), "-c", "import torch"]
+
+    def timed(argv: list[str]) -> float:
+        started = time.perf_counter()
+        subprocess.run(argv, check=True, capture_output=True, timeout=300)
+        return time.perf_counter() - started
+
+    out: dict[str, Any] = {"local_s": min(timed(python_local) for _ in range(3))}
+    origin = ImageStore(work / "store-torch")
+    started = time.perf_counter()
+    build(origin, venv, "torch-env", progress=False)
+    out["build_s"] = time.perf_counter() - started
+    origin.push("torch-env", server.root)
+    host = ImageStore(work / "host-torch")
+    pull(host, "torch-env", server.url)
+    point = work / "mnt-torch"
+    point.mkdir()
+    argv = [str(point / "bin" / "python"), "-c", "import torch"]
+    with mounted("torch-env", point, host) as record:
+        out["cold_s"] = timed(argv)
+        out["warm_s"] = min(timed(argv) for _ in range(3))
+    cold = values(record)
+    fresh(host)
+    with mounted("torch-env", point, host, MountOptions(prefetch_rate=0)) as record:
+        out["prefetch_s"] = timed(argv)
+    replay = values(record)
+    image = cold["fastboot_imagefs_image_bytes"]
+    out |= {
+        "image_bytes": image,
+        "image_stored_bytes": cold["fastboot_imagefs_image_stored_bytes"],
+        "fetched_bytes": cold['fastboot_imagefs_chunk_bytes_total{tier="remote"}'],
+        "fetched_raw_bytes": cold["fastboot_imagefs_remote_raw_bytes_total"],
+        "gets": cold["fastboot_imagefs_remote_fetch_seconds_count"],
+        "prefetch_bytes": replay["fastboot_imagefs_prefetch_bytes_total"],
+        "prefetch_used_bytes": replay["fastboot_imagefs_prefetch_used_bytes_total"],
+    }
+    out["fetched_share"] = out["fetched_bytes"] / image
+    out["fetched_raw_share"] = out["fetched_raw_bytes"] / image
+    return out
+
+
+def table(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    rows: list[tuple[str, str, str, str, str]] = []
+    ix = results["index"]
+    rows.append(
+        (
+            "index load, 100k files",
+            f"{ix['index_load_ms']:.1f} ms",
+            "target 100 ms",
+            f"{ix['index_load_ms'] / 100:.2f}x",
+            "ok" if ix["index_load_ms"] < 100 else "MISS",
+        )
+    )
+    rows.append(
+        (
+            "walk 100k files (warm)",
+            f"{ix['walk_s']:.2f} s",
+            f"local {ix['local_walk_s']:.2f} s",
+            f"{ix['walk_s'] / ix['local_walk_s']:.2f}x",
+            "",
+        )
+    )
+    sq = results["sequential"]
+    warm_ratio = sq["warm_GBps"] / sq["local_warm_GBps"]
+    rows += [
+        (
+            "1 GiB seq, warm (page cache)",
+            f"{sq['warm_GBps']:.2f} GB/s",
+            f"local warm {sq['local_warm_GBps']:.2f} GB/s",
+            f"{warm_ratio:.2f}x",
+            "ok" if warm_ratio >= 0.9 else "MISS",
+        ),
+        (
+            "1 GiB seq, cold from nginx",
+            f"{sq['remote_cold_GBps']:.2f} GB/s",
+            "target 1 GB/s",
+            f"{sq['remote_cold_GBps']:.2f}x",
+            "ok" if sq["remote_cold_GBps"] >= 1 else "MISS",
+        ),
+        (
+            "1 GiB seq, from SSD cache",
+            f"{sq['ssd_cache_GBps']:.2f} GB/s",
+            f"local cold {sq['local_cold_GBps']:.2f} GB/s",
+            f"{sq['ssd_cache_GBps'] / sq['local_cold_GBps']:.2f}x",
+            "",
+        ),
+    ]
+    for name, case in sq["fio"].items():
+        rw, bs, state = name.split("_")
+        key = "iops" if rw == "randread" else "MBps"
+        mine, base = case["mount"][key], case["local"][key]
+        label = f"fio {rw} {bs} {state} ({'IOPS' if key == 'iops' else 'MB/s'})"
+        rows.append((label, f"{mine:,.0f}", f"local {base:,.0f}", f"{mine / base:.2f}x", ""))
+    dd = results["dedup"]
+    rows.append(
+        (
+            "dedup, 2 model variants",
+            f"{dd['stored_bytes'] / 1e6:.0f} MB stored",
+            f"{dd['logical_bytes'] / 1e6:.0f} MB logical",
+            f"{dd['ratio']:.2f}x",
+            "",
+        )
+    )
+    if "torch" in results:
+        t = results["torch"]
+        for key, label in (("cold_s", "cold"), ("prefetch_s", "with prefetch"), ("warm_s", "warm")):
+            rows.append(
+                (
+                    f"import torch, {label}",
+                    f"{t[key]:.2f} s",
+                    f"local {t['local_s']:.2f} s",
+                    f"{t[key] / t['local_s']:.2f}x",
+                    "",
+                )
+            )
+        rows.append(
+            (
+                "import torch, bytes fetched",
+                f"{t['fetched_bytes'] / 1e6:.0f} MB",
+                f"image {t['image_bytes'] / 1e6:.0f} MB",
+                f"{t['fetched_share']:.1%}",
+                "ok" if t["fetched_share"] <= 0.10 else "MISS",
+            )
+        )
+    return rows
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sq = results["sequential"]
+    fig, axes = plt.subplots(1, 2 if "torch" in results else 1, figsize=(12, 4.5), squeeze=False)
+    names = ["local cold", "local warm", "mount warm", "mount SSD cache", "mount cold (nginx)"]
+    vals = [
+        sq[k]
+        for k in (
+            "local_cold_GBps",
+            "local_warm_GBps",
+            "warm_GBps",
+            "ssd_cache_GBps",
+            "remote_cold_GBps",
+        )
+    ]
+    ax = axes[0][0]
+    ax.bar(names, vals, color=["#888", "#888", "#2a7", "#2a7", "#2a7"])
+    ax.set_ylabel("GB/s")
+    ax.set_title("sequential read of a 1 GiB file")
+    ax.tick_params(axis="x", rotation=20)
+    if "torch" in results:
+        t = results["torch"]
+        ax = axes[0][1]
+        labels = ["local", "image cold", "image prefetch", "image warm"]
+        ax.bar(
+            labels,
+            [t["local_s"], t["cold_s"], t["prefetch_s"], t["warm_s"]],
+            color=["#888", "#2a7", "#2a7", "#2a7"],
+        )
+        ax.set_ylabel("seconds")
+        ax.set_title(f"import torch ({t['fetched_share']:.1%} of the image fetched)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--files", type=int, default=100_000)
+    parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS / "imagefs.json")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("imagefs_bench needs root (FUSE mounts)", file=sys.stderr)
+        return 2
+    results: dict[str, Any] = {
+        "host": {
+            "kernel": platform.release(),
+            "cpus": os.cpu_count(),
+            "loadavg_at_start": os.getloadavg(),
+        },
+        "created": time.time(),
+    }
+    with tempfile.TemporaryDirectory(prefix="imagefs-bench-") as tmp:
+        work = Path(tmp)
+        os.chmod(work, 0o755)
+        (work / "served").mkdir()
+        steps: list[tuple[str, Callable[[], dict[str, Any]]]] = []
+        with Nginx(work / "served", work / "nginx") as server:
+            steps = [
+                ("index", lambda: bench_index(work, args.files)),
+                ("sequential", lambda: bench_sequential(work, server)),
+                ("dedup", lambda: bench_dedup(work)),
+            ]
+            if not args.skip_torch:
+                steps.append(("torch", lambda: bench_torch(work, server)))
+            for name, step in steps:
+                started = time.perf_counter()
+                results[name] = step()
+                print(f"{name}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    results["host"]["loadavg_at_end"] = os.getloadavg()
+    rows = table(results)
+    results["table"] = rows
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    header = ("measure", "imagefs", "baseline", "ratio", "target")
+    widths = [max(w, len(h)) for w, h in zip(widths, header, strict=True)]
+    for row in (header, *rows):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    plot(results, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
