@@ -125,6 +125,8 @@ class Controller:
                 if pool is None or info.state not in (READY, RESTORING):
                     continue
                 replica = self._add(pool, agent, info)
+                # Kept at least one scale-down delay, like a replica this router placed.
+                pool.autoscaler.want(self.clock(), len(pool.live()))
                 logger.info("adopted %s replica %s on %s", pool.name, info.id, agent.name)
                 if info.state == READY:
                     self._open(pool, replica)
@@ -312,7 +314,7 @@ class Controller:
         for pool in self.pools.values():
             for replica in pool.replicas.values():
                 self.metrics.inflight.labels(pool.name, replica.id).set(replica.inflight)
-            pool.autoscaler.observe(now, pool.demand())
+            pool.autoscaler.observe(now, pool.demand_average())
             decision = pool.autoscaler.decide(now, len(pool.ready()), pool.current())
             pool.target = decision.desired
             current = pool.current()

@@ -52,6 +52,11 @@ class ModelPool:
         self._queue_depth = metrics.queue_depth.labels(config.name)
         self._queue_wait = metrics.queue_wait.labels(config.name)
         self._prefix = {d: metrics.prefix_route.labels(d) for d in ("hit", "miss", "imbalanced")}
+        # Requests in the pool (queued or in flight) and its time integral since the last tick:
+        # the autoscaler gets the time-weighted mean, so requests shorter than a tick count.
+        self._level = 0
+        self._area = 0.0
+        self._mark = self._window = clock()
 
     # --- counts ----------------------------------------------------------------------------
 
@@ -70,8 +75,22 @@ class ModelPool:
         return sum(r.inflight for r in self.replicas.values())
 
     def demand(self) -> int:
-        """In-flight plus queued requests: the autoscaler's signal."""
-        return self.inflight() + len(self.queue)
+        """In-flight plus queued requests now."""
+        return self._level
+
+    def demand_average(self) -> float:
+        """Time-weighted mean demand since the last call: the autoscaler's signal."""
+        now = self.clock()
+        area = self._area + self._level * (now - self._mark)
+        span = now - self._window
+        self._area, self._mark, self._window = 0.0, now, now
+        return area / span if span > 0 else float(self._level)
+
+    def _change(self, delta: int) -> None:
+        now = self.clock()
+        self._area += self._level * (now - self._mark)
+        self._mark = now
+        self._level += delta
 
     # --- admission -------------------------------------------------------------------------
 
@@ -90,22 +109,32 @@ class ModelPool:
 
         Raises QueueFull at once when the queue is at its bound, QueueTimeout at `deadline`.
         """
+        self._change(+1)
         if not self.queue and (replica := self._take(keys)) is not None:
             return replica, None
         now = self.clock()
         waiter = Waiter(asyncio.get_running_loop().create_future(), keys, now)
-        self.queue.push(waiter)  # raises QueueFull
+        try:
+            self.queue.push(waiter)
+        except QueueFull:
+            self._change(-1)
+            raise
         self._queue_depth.set(len(self.queue))
+        future = waiter.future
         try:
             self.need_capacity(waiter)
             async with asyncio.timeout(max(0.0, deadline - now)):
-                replica = await waiter.future
+                replica = await future
         except TimeoutError:
-            raise QueueTimeout(self.unavailable_reason()) from None
+            if not (future.done() and not future.cancelled() and future.exception() is None):
+                self._change(-1)
+                raise QueueTimeout(self.unavailable_reason()) from None
+            replica = future.result()  # the slot came as the deadline struck: use it
         except BaseException:
-            future = waiter.future
             if future.done() and not future.cancelled() and future.exception() is None:
                 self.release(future.result())
+            else:
+                self._change(-1)
             raise
         finally:
             self.queue.remove(waiter)
@@ -159,7 +188,8 @@ class ModelPool:
     def release(self, replica: Replica) -> None:
         """A request on `replica` finished (in any way)."""
         replica.inflight -= 1
-        replica.last_active = self.clock()
+        self._change(-1)
+        replica.last_active = self._mark
         if replica.state in (DRAINING, GONE) and replica.inflight == 0:
             self.retire(self, replica)
         elif self.queue:

@@ -6,19 +6,22 @@ once it answers; on DELETE it stops it. The router runs as its own process
 (`python -m fastboot router --config FILE`). One vLLM boot for the whole module: the first test
 scales from zero, the others reuse that replica, the last scales it back to zero.
 
-Switching to the real agent: replace `standin_agent` with a fixture that runs `fastboot agent`
-and a snapshot of the tiny model, and point the router config's [[agents]] and snapshot at it.
+The tests observe the agent only through its HTTP API (`Agent.replicas()`), so switching to the
+real agent means replacing the `agent` fixture with one that yields an `Agent` for a running
+`fastboot agent` and a snapshot of the tiny model; nothing else changes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,7 +35,8 @@ from fastboot.models.tiny import cpu_serve_flags
 from fastboot.router.testing import FakeAgent
 from tests.engine_process import EngineProcess, engine_process, free_port
 
-pytestmark = pytest.mark.integration
+# A hung request fails its test (with fixture teardown) instead of the whole run.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 MODEL = "tiny"
 SNAPSHOT = "tiny-standin-snapshot"
@@ -48,8 +52,9 @@ class StandinAgent:
     agent: FakeAgent | None = None
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
     engines: dict[str, contextlib.ExitStack] = field(default_factory=dict)
-    processes: dict[str, EngineProcess] = field(default_factory=dict)
-    boot_errors: list[str] = field(default_factory=list)
+    threads: list[threading.Thread] = field(default_factory=list)
+    deleted: set[str] = field(default_factory=set)
+    stopping: bool = False
 
     @property
     def fake(self) -> FakeAgent:
@@ -70,7 +75,9 @@ class StandinAgent:
         return asyncio.run_coroutine_threadsafe(self.agent.start(), self.loop).result(10)
 
     def _boot_later(self, replica: dict[str, Any]) -> None:
-        threading.Thread(target=self._boot, args=(replica["id"], replica["address"])).start()
+        thread = threading.Thread(target=self._boot, args=(replica["id"], replica["address"]))
+        self.threads.append(thread)
+        thread.start()
 
     def _boot(self, replica_id: str, address: str) -> None:
         vllm = shutil.which("vllm", path=os.path.dirname(sys.executable))
@@ -81,17 +88,18 @@ class StandinAgent:
         self.engines[replica_id] = stack
         started = time.monotonic()
         try:
-            server = stack.enter_context(
+            stack.enter_context(
                 engine_process(
                     argv, port, self.logs / f"vllm-{replica_id}.log", ready_deadline_s=300
                 )
             )
         except BaseException as exc:
-            self.boot_errors.append(str(exc))
             self.loop.call_soon_threadsafe(self.fake.set_state, replica_id, "failed", str(exc))
             return
-        self.processes[replica_id] = server
         ready_s = time.monotonic() - started
+        if self.stopping or replica_id in self.deleted:  # deleted or torn down while booting
+            stack.close()
+            return
 
         def ready() -> None:
             self.fake.replicas[replica_id]["timings"] = {"restore_s": ready_s, "ready_s": ready_s}
@@ -100,10 +108,16 @@ class StandinAgent:
         self.loop.call_soon_threadsafe(ready)
 
     def _stop_later(self, replica: dict[str, Any]) -> None:
-        if stack := self.engines.pop(replica["id"], None):
-            threading.Thread(target=stack.close).start()
+        self.deleted.add(replica["id"])
+        if stack := self.engines.get(replica["id"]):
+            thread = threading.Thread(target=stack.close)
+            self.threads.append(thread)
+            thread.start()
 
     def stop(self) -> None:
+        self.stopping = True
+        for thread in self.threads:  # a boot ends within engine_process's ready deadline
+            thread.join()
         for stack in self.engines.values():
             stack.close()
         with contextlib.suppress(Exception):
@@ -111,33 +125,48 @@ class StandinAgent:
         self.loop.call_soon_threadsafe(self.loop.stop)
 
 
+@dataclass(frozen=True)
+class Agent:
+    """What the tests know of an agent: where it is, its token, the snapshot to ask for."""
+
+    url: str
+    token: str
+    snapshot: str
+
+    def replicas(self, states: tuple[str, ...] = ("restoring", "ready")) -> list[dict[str, Any]]:
+        """GET /v1/replicas, keeping those in `states`."""
+        request = urllib.request.Request(
+            self.url + "/v1/replicas", headers={"Authorization": f"Bearer {self.token}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            listed: list[dict[str, Any]] = json.load(response)["replicas"]
+        return [r for r in listed if r["state"] in states]
+
+
 @pytest.fixture(scope="module")
-def standin_agent(
-    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[StandinAgent]:
-    agent = StandinAgent(tiny_model, tmp_path_factory.mktemp("engines"))
+def agent(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
+    standin = StandinAgent(tiny_model, tmp_path_factory.mktemp("engines"))
     try:
-        agent.start()
-        yield agent
+        yield Agent(standin.start(), TOKEN, SNAPSHOT)
     finally:
-        agent.stop()
+        standin.stop()
 
 
-def router_config(path: Path, agent_url: str, port: int, **model: object) -> Path:
+def router_config(path: Path, agent: Agent, port: int, **model: object) -> Path:
     lines = [
         "[router]",
         f"port = {port}",
         "tick_s = 0.5",
         "",
         f"[models.{MODEL}]",
-        f'snapshot = "{SNAPSHOT}"',
+        f'snapshot = "{agent.snapshot}"',
         "concurrency = 4",
-        "queue_deadline_s = 300",
+        "queue_deadline_s = 240",
         *(f"{key} = {value}" for key, value in model.items()),
         "",
         "[[agents]]",
-        f'url = "{agent_url}"',
-        f'token = "{TOKEN}"',
+        f'url = "{agent.url}"',
+        f'token = "{agent.token}"',
     ]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -153,12 +182,10 @@ def router_process(config: Path, port: int, log: Path) -> Iterator[EngineProcess
 
 
 @pytest.fixture(scope="module")
-def router(
-    standin_agent: StandinAgent, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[EngineProcess]:
+def router(agent: Agent, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineProcess]:
     tmp = tmp_path_factory.mktemp("router")
     port = free_port()
-    config = router_config(tmp / "router.toml", standin_agent.fake.url, port)
+    config = router_config(tmp / "router.toml", agent, port)
     with router_process(config, port, tmp / "router.log") as process:
         yield process
 
@@ -187,20 +214,28 @@ def wait_until(predicate: Any, what: str, deadline_s: float) -> None:
         time.sleep(0.2)
 
 
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2):
+            return True
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
 def test_scale_from_zero_serves_the_first_request_and_records_the_cold_start(
-    router: EngineProcess, standin_agent: StandinAgent
+    router: EngineProcess, agent: Agent
 ) -> None:
-    assert standin_agent.fake.posts == [], "the router must start at zero replicas"
+    assert agent.replicas() == [], "the router must start at zero replicas"
     before = metrics(router.url)
     assert before.get(("router_cold_start_seconds_count", (("model", MODEL),)), 0) == 0
     reply = client(router.url).completions.create(
         model=MODEL, prompt="The quick brown fox", max_tokens=8, temperature=0
     )
     assert reply.usage is not None and 1 <= reply.usage.completion_tokens <= 8
-    # One placement; plus one replacement per boot that failed (on this shared machine another
-    # test's /dev/shm clean-up has killed a booting vLLM: the router then places a new one).
-    posts = standin_agent.fake.posts
-    assert posts == [{"snapshot": SNAPSHOT, "count": 1}] * (1 + len(standin_agent.boot_errors))
+    # One ready replica (a boot that failed, e.g. because another test's /dev/shm clean-up on
+    # this shared machine killed it, is replaced by the router, never served).
+    (replica,) = agent.replicas()
+    assert replica["state"] == "ready" and replica["snapshot"].startswith(agent.snapshot)
     after = metrics(router.url)
     assert after[("router_cold_start_seconds_count", (("model", MODEL),))] == 1
     boot = after[("router_replica_boot_seconds_sum", (("model", MODEL), ("phase", "total")))]
@@ -214,14 +249,14 @@ def test_models_list_names_the_public_model(router: EngineProcess) -> None:
 
 
 def test_completion_matches_the_replica_answered_directly(
-    router: EngineProcess, standin_agent: StandinAgent, tiny_model: Path
+    router: EngineProcess, agent: Agent
 ) -> None:
     via_router = client(router.url).completions.create(
         model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0
     )
-    (replica,) = standin_agent.processes.values()
-    direct = client(replica.url).completions.create(
-        model=str(tiny_model), prompt="Once upon a time", max_tokens=8, temperature=0
+    (replica,) = agent.replicas(("ready",))
+    direct = client(replica["address"]).completions.create(
+        model=replica["model"], prompt="Once upon a time", max_tokens=8, temperature=0
     )
     assert via_router.choices[0].text == direct.choices[0].text
 
@@ -258,29 +293,28 @@ def test_unknown_model_is_a_404_through_the_openai_client(router: EngineProcess)
 
 
 def test_scales_back_to_zero_after_idle(
-    router: EngineProcess, standin_agent: StandinAgent, tmp_path: Path
+    router: EngineProcess, agent: Agent, tmp_path: Path
 ) -> None:
     # The module's router would replace the replica we are about to remove: stop it first.
     router.stop()
     port = free_port()
     config = router_config(
         tmp_path / "router.toml",
-        standin_agent.fake.url,
+        agent,
         port,
         scale_down_delay_s=3,
         stable_window_s=2,
         panic_window_s=1,
     )
+    before = {r["id"] for r in agent.replicas()}
     with router_process(config, port, tmp_path / "router.log") as second:
         reply = client(second.url).completions.create(
             model=MODEL, prompt="hello", max_tokens=2, temperature=0
         )
         assert reply.choices
-        # Adopted the running replica rather than booting another.
-        posts = len(standin_agent.fake.posts)
-        assert posts == 1 + len(standin_agent.boot_errors)
-        (replica_id,) = standin_agent.processes
-        wait_until(lambda: standin_agent.fake.deletes == [replica_id], "the idle DELETE", 60)
-        engine = standin_agent.processes[replica_id]
-        wait_until(lambda: engine.proc.poll() is not None, "the engine to exit", 60)
+        (replica,) = agent.replicas()
+        # Adopted the running replica (if the earlier tests left one) rather than booting another.
+        assert not before or before == {replica["id"]}
+        wait_until(lambda: agent.replicas() == [], "the idle replica's DELETE", 60)
+        wait_until(lambda: not answers(replica["address"]), "the engine to stop serving", 60)
         assert [m.id for m in client(second.url).models.list().data] == [MODEL]

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 
+import pytest
+
 from fastboot.router.autoscaler import Autoscaler
+from fastboot.router.balancer import Balancer
 from fastboot.router.config import ModelConfig
+from fastboot.router.metrics import RouterMetrics
+from fastboot.router.pool import ModelPool
+from fastboot.router.upstream import READY, Replica
 
 BASE = ModelConfig(
     name="m",
@@ -102,3 +109,26 @@ def test_an_immediate_wish_counts_for_the_scale_down_delay() -> None:
     assert scaler.decide(2, ready=3, current=3).desired == 3
     scaler.observe(120, 0)
     assert scaler.decide(120, ready=3, current=3).desired == 1  # rate-limited: 3 -> 1
+
+
+def test_requests_shorter_than_a_tick_still_count_as_demand() -> None:
+    async def main() -> None:
+        now = [0.0]
+        pool = ModelPool(BASE, Balancer(), RouterMetrics(), clock=lambda: now[0])
+        replica = Replica("r1", "m", "agent", "http://127.0.0.1:1", "m", cap=4)
+        replica.state = READY
+        pool.replicas[replica.id] = replica
+        now[0] = 1.0
+        taken, waiter = await pool.acquire([], deadline=10.0)
+        assert (taken, waiter, pool.demand()) == (replica, None, 1)
+        now[0] = 1.1
+        pool.release(taken)
+        now[0] = 2.0
+        mean = pool.demand_average()  # 0.1 s of one request over a 2 s tick
+        assert mean == pytest.approx(0.05)
+        pool.autoscaler.observe(now[0], mean)
+        assert pool.autoscaler.decide(now[0], ready=1, current=1).desired == 1
+        now[0] = 4.0
+        assert pool.demand_average() == 0.0
+
+    asyncio.run(main())
