@@ -234,6 +234,23 @@ class Router:
         if pool is None:
             return self._finish(None, self._unknown_model(name), arrived)
         keys = self.balancer.prefix_keys(prompt_text(doc, self.balancer.text_limit))
+        try:
+            return await self._route(request, pool, body, doc, keys, arrived)
+        except asyncio.CancelledError:
+            # The client went away (queued or mid-answer); 499 as nginx logs it.
+            self._count(name, 499, arrived)
+            raise
+
+    async def _route(
+        self,
+        request: web.Request,
+        pool: ModelPool,
+        body: bytes,
+        doc: dict[str, Any],
+        keys: list[int],
+        arrived: float,
+    ) -> web.StreamResponse:
+        name = pool.name
         deadline = arrived + pool.config.queue_deadline_s
         for _attempt in range(3):
             try:
@@ -288,10 +305,13 @@ class Router:
     def _finish(
         self, model: str | None, response: web.StreamResponse, arrived: float
     ) -> web.StreamResponse:
-        label = model or "-"
-        self.metrics.requests.labels(label, str(response.status)).inc()
-        self.metrics.duration.labels(label).observe(time.monotonic() - arrived)
+        self._count(model, response.status, arrived)
         return response
+
+    def _count(self, model: str | None, status: int, arrived: float) -> None:
+        label = model or "-"
+        self.metrics.requests.labels(label, str(status)).inc()
+        self.metrics.duration.labels(label).observe(time.monotonic() - arrived)
 
     async def _forward(
         self,

@@ -590,5 +590,9 @@ def test_client_disconnect_before_the_answer_cancels_the_upstream_request() -> N
             await until(lambda: f.engine.cancelled == 1, "the engine to see the disconnect")
             pool = f.router.pools[MODEL]
             await until(lambda: pool.inflight() == 0, "the slot to be released")
+            await until(
+                lambda: f.metric("router_requests_total", model=MODEL, code="499") == 1,
+                "the request to be counted as closed by the client",
+            )
 
     run(main())
