@@ -240,8 +240,9 @@ def test_scale_from_zero_serves_the_first_request_and_records_the_cold_start(
     assert after[("router_cold_start_seconds_count", (("model", MODEL),))] == 1
     boot = after[("router_replica_boot_seconds_sum", (("model", MODEL), ("phase", "total")))]
     cold = after[("router_cold_start_seconds_sum", (("model", MODEL),))]
-    # The first token came after the replica booted (a real vLLM boot takes seconds).
-    assert cold >= boot > 1.0
+    # The first token came after the replica was ready (a restore may take about a second, a
+    # stand-in's cold boot tens of seconds).
+    assert cold >= boot > 0.1
 
 
 def test_models_list_names_the_public_model(router: EngineProcess) -> None:
