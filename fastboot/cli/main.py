@@ -28,7 +28,14 @@ logger = logging.getLogger(__name__)
 #: name -> (module, one-line help). Register only commands that work.
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("fastboot.cli.serve", "Serve MODEL like `vllm serve`, restored from a snapshot."),
-    "snapshot": ("fastboot.cli.snapshot", "List, inspect, verify and remove snapshots."),
+    "snapshot": (
+        "fastboot.cli.snapshot",
+        "Create (for replicas), list, inspect, verify and remove snapshots.",
+    ),
+    "agent": (
+        "fastboot.cli.agent",
+        "Run the per-host agent that restores replicas of snapshots (HTTP API).",
+    ),
     "doctor": (
         "fastboot.cli.doctor",
         "Check what this host can do and say how to fix what it can't.",

@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from fastboot import netns
 from fastboot.engines import hooks, vllm
@@ -155,9 +155,14 @@ def _dump(criu: criu_mod.Criu, tree: EngineTree, partial: Path, run_dir: Path) -
 
 
 def restore_isolated(
-    store: Store, manifest: Manifest, link: netns.Link, run_dir: Path
+    store: Store,
+    manifest: Manifest,
+    link: netns.Link,
+    run_dir: Path,
+    sink: BinaryIO | None = None,
 ) -> EngineTree:
-    """Restore an isolated snapshot into link's namespace (no readiness check here)."""
+    """Restore an isolated snapshot into link's namespace (no readiness check here); the
+    engine's output goes to sink (default: fastboot's stdout)."""
     criu = criu_mod.find_criu()
     path = store.path(manifest.id)
     read_fd, write_fd = os.pipe()
@@ -176,7 +181,7 @@ def restore_isolated(
     finally:
         os.close(write_fd)
     return EngineTree.adopt_restored(
-        pid, read_fd, manifest.stdio_pipe, stdout_sink(), isolated=True
+        pid, read_fd, manifest.stdio_pipe, sink or stdout_sink(), isolated=True
     )
 
 
@@ -243,8 +248,13 @@ def create_isolated(config: CreateConfig) -> Manifest:
         with tempfile.TemporaryDirectory(prefix="fastboot-create-") as tmp:
             run_dir = Path(tmp)
             start = time.monotonic()
+            env = engine_env(run_dir)
+            # vLLM binds its ZMQ ipc:// sockets under this directory (default /tmp, shared by
+            # every replica: "Can't bind ... Address already in use" on the second restore).
+            # The engine's /dev/shm is its own tmpfs, saved and restored with it.
+            env["VLLM_RPC_BASE_PATH"] = "/dev/shm"
             tree = EngineTree.spawn(
-                vllm.command(config.model, argv), engine_env(run_dir), stdout_sink(), link.netns
+                vllm.command(config.model, argv), env, stdout_sink(), link.netns
             )
             url = f"http://{link.ip}:{config.port}"
             try:

@@ -1,0 +1,352 @@
+"""The replicas one agent runs: restored in parallel, watched, stopped, and cleaned up.
+
+Each replica is an isolated snapshot (fastboot.snapshot.isolation) restored into its own
+network namespace `fb-<agent>-<n>` with a veth `fb<agent>h<n>` to the host and its own /30, so
+the host reaches it at its own address while the engine listens on the port it was dumped with.
+
+Ownership: the agent is a child subreaper, so every restored engine is its child and is reaped
+by it. A replica that exits on its own is noticed by the watcher (every WATCH_S), reported as
+`dead`, and its namespace, link and cgroup are removed. After an agent crash its replicas are
+orphans whose stdout pipe has no reader any more, so they are not adopted: a new agent kills
+every process inside its own namespaces (found by their network namespace) and removes the
+namespaces, links and cgroups before it serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import secrets
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from fastboot import netns
+from fastboot.agent.cgroups import Limits, ReplicaCgroup, sweep
+from fastboot.engines import vllm
+from fastboot.errors import FastbootError
+from fastboot.snapshot import fingerprint
+from fastboot.snapshot.create import DIGEST_CACHE, check_oracle, restore_isolated
+from fastboot.snapshot.digests import DigestCache
+from fastboot.snapshot.store import Manifest, SnapshotInvalid, Store
+from fastboot.supervisor import EngineTree, tree_pids
+
+logger = logging.getLogger(__name__)
+
+#: How often the watcher looks for replicas that died.
+WATCH_S = 0.5
+#: Finished replicas (stopped, dead, failed) kept for reporting.
+KEEP_FINISHED = 100
+LIVE_STATES = ("restoring", "ready")
+
+
+class NotFound(FastbootError):
+    """No such snapshot or replica (HTTP 404)."""
+
+
+class Conflict(FastbootError):
+    """Not enough free slots for the request (HTTP 409)."""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """How one agent runs its replicas."""
+
+    name: str
+    """Short name ([a-z0-9], at most 6): prefixes its namespaces, links and cgroups."""
+    store: Store
+    state_dir: Path
+    """Replica logs and CRIU work directories."""
+    slots: int
+    subnet: str = netns.DEFAULT_SUBNET
+    limits: Limits = field(default_factory=Limits)
+    ready_timeout_s: float = 120.0
+
+    @property
+    def netns_prefix(self) -> str:
+        return f"fb-{self.name}-"
+
+    @property
+    def link_prefix(self) -> str:
+        return f"fb{self.name}h"
+
+
+@dataclass
+class Replica:
+    id: str
+    snapshot: str
+    model: str
+    index: int
+    port: int
+    created: float
+    state: str = "restoring"
+    error: str | None = None
+    pid: int | None = None
+    link: netns.Link | None = None
+    restore_s: float | None = None
+    ready_s: float | None = None
+    tree: EngineTree | None = None
+    log: BinaryIO | None = None
+    """The engine's output goes here (state_dir/logs/ID.log)."""
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def address(self) -> str | None:
+        return f"http://{self.link.ip}:{self.port}" if self.link else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "snapshot": self.snapshot,
+            "model": self.model,
+            "state": self.state,
+            "address": self.address,
+            "base_url": f"{self.address}/v1" if self.address else None,
+            "pid": self.pid,
+            "created": self.created,
+            "age_s": round(time.time() - self.created, 3),
+            "timings": {"restore_s": self.restore_s, "ready_s": self.ready_s},
+            "error": self.error,
+        }
+
+
+class ReplicaManager:
+    """Restores, watches and stops this host's replicas. Methods run on the agent's event
+    loop; blocking work (CRIU, readiness, stopping) goes to threads."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.replicas: dict[str, Replica] = {}
+        self.digests = DigestCache(config.store.root / DIGEST_CACHE)
+        self._host = fingerprint.current(f"{vllm.NAME} {vllm.version()}")
+        self._watcher: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ids = itertools.count(1)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        (self.config.state_dir / "logs").mkdir(parents=True, exist_ok=True, mode=0o700)
+        (self.config.state_dir / "run").mkdir(parents=True, exist_ok=True, mode=0o700)
+        cleaned = await asyncio.to_thread(clean_leftovers, self.config)
+        if cleaned:
+            logger.info("removed what a previous agent left: %s", ", ".join(cleaned))
+        self._watcher = asyncio.create_task(self._watch())
+
+    async def close(self) -> None:
+        """Stop every replica and remove its namespace (agent shutdown)."""
+        if self._watcher:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        # Restores in flight finish first (threads cannot be cancelled), then everything stops.
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        live = [r for r in self.replicas.values() if r.state in LIVE_STATES]
+        await asyncio.gather(*(self.stop(r.id) for r in live), return_exceptions=True)
+        sweep(self.config.name, keep=set())
+
+    # -- queries ---------------------------------------------------------------------------
+
+    @property
+    def slots_used(self) -> int:
+        return sum(1 for r in self.replicas.values() if r.state in LIVE_STATES)
+
+    def get(self, replica_id: str) -> Replica:
+        try:
+            return self.replicas[replica_id]
+        except KeyError:
+            raise NotFound(f"no replica {replica_id!r} on this agent") from None
+
+    def snapshots(self) -> list[Manifest]:
+        return [m for m in self.config.store.list() if isinstance(m, Manifest) and m.isolation]
+
+    def snapshot(self, prefix: str) -> Manifest:
+        try:
+            snapshot_id = self.config.store.resolve(prefix)
+            manifest = self.config.store.read_manifest(snapshot_id)
+        except (SnapshotInvalid, FileNotFoundError) as exc:
+            raise NotFound(f"no snapshot {prefix!r} on this agent ({exc})") from exc
+        if not manifest.isolation:
+            raise NotFound(
+                f"snapshot {snapshot_id} was taken by `fastboot serve`, not for replicas; "
+                "make one with `fastboot snapshot create`"
+            )
+        return manifest
+
+    # -- actions ---------------------------------------------------------------------------
+
+    async def restore(self, prefix: str, count: int) -> list[Replica]:
+        """Start count restores of a snapshot in parallel; returns the replicas (restoring)."""
+        manifest = self.snapshot(prefix)
+        free = self.config.slots - self.slots_used
+        if count > free:
+            raise Conflict(f"{count} replicas asked, {free} of {self.config.slots} slots free")
+        await asyncio.to_thread(self._verify, manifest)
+        used = {r.index for r in self.replicas.values() if r.state in LIVE_STATES}
+        indexes = list(itertools.islice((i for i in itertools.count() if i not in used), count))
+        started = []
+        for index in indexes:
+            replica = Replica(
+                id=f"r{next(self._ids)}-{secrets.token_hex(3)}",
+                snapshot=manifest.id,
+                model=manifest.model_name,
+                index=index,
+                port=int(manifest.isolation["port"]) if manifest.isolation else 8000,
+                created=time.time(),
+            )
+            self.replicas[replica.id] = replica
+            started.append(replica)
+            task = asyncio.create_task(self._restore_task(replica, manifest))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        self._forget_old()
+        return started
+
+    def _verify(self, manifest: Manifest) -> None:
+        try:
+            self.config.store.verify(manifest.id, self.digests)
+        finally:
+            self.digests.save()
+        if why := fingerprint.incompatibility(manifest.fingerprint, self._host):
+            raise SnapshotInvalid(f"snapshot {manifest.id} does not fit this host: {why}")
+
+    async def _restore_task(self, replica: Replica, manifest: Manifest) -> None:
+        try:
+            await asyncio.to_thread(self._restore_blocking, replica, manifest)
+        except Exception as exc:
+            logger.warning("replica %s failed: %s", replica.id, exc)
+            replica.state, replica.error = "failed", str(exc)
+            await asyncio.to_thread(self._clean_up, replica)
+        replica.changed.set()
+
+    def _restore_blocking(self, replica: Replica, manifest: Manifest) -> None:
+        start = time.monotonic()
+        name = self.config.name
+        replica.link = netns.create(
+            f"{self.config.netns_prefix}{replica.index}",
+            f"{self.config.link_prefix}{replica.index}",
+            self.config.subnet,
+            replica.index,
+        )
+        run_dir = self.config.state_dir / "run"
+        replica.log = self._log(replica)
+        tree = restore_isolated(self.config.store, manifest, replica.link, run_dir, replica.log)
+        replica.tree, replica.pid = tree, tree.root_pid
+        replica.restore_s = time.monotonic() - start
+        if self.config.limits.any:
+            ReplicaCgroup(name, replica.id).apply(self.config.limits, tree_pids(tree.root_pid))
+        assert replica.address is not None
+        vllm.wait_ready(replica.address, self.config.ready_timeout_s, tree.alive)
+        check_oracle(replica.address, replica.model, manifest)
+        replica.ready_s = time.monotonic() - start
+        replica.state = "ready"
+        logger.info(
+            "replica %s of %s ready at %s in %.2f s (criu restore %.2f s)",
+            replica.id,
+            manifest.id[:12],
+            replica.address,
+            replica.ready_s,
+            replica.restore_s,
+        )
+
+    def _log(self, replica: Replica) -> BinaryIO:
+        path = self.config.state_dir / "logs" / f"{replica.id}.log"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        return os.fdopen(fd, "ab", buffering=0)
+
+    async def stop(self, replica_id: str) -> Replica:
+        replica = self.get(replica_id)
+        if replica.state in LIVE_STATES:
+            replica.state = "stopping"
+            await asyncio.to_thread(self._stop_blocking, replica)
+            replica.state = "stopped"
+            replica.changed.set()
+        return replica
+
+    def _stop_blocking(self, replica: Replica) -> None:
+        if replica.tree is not None:
+            replica.tree.stop(grace_s=5.0)
+        self._clean_up(replica)
+
+    def _clean_up(self, replica: Replica) -> None:
+        """Kill what is left in the replica's namespace, then remove namespace, link, cgroup."""
+        if replica.tree is not None and replica.tree.alive():
+            replica.tree.stop(grace_s=0.0)
+        if replica.link is not None:
+            kill_namespace(replica.link.path)
+            netns.delete(replica.link)
+        ReplicaCgroup(self.config.name, replica.id).remove()
+        if replica.log is not None:
+            replica.log.close()
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_S)
+            for replica in list(self.replicas.values()):
+                tree = replica.tree
+                if replica.state == "ready" and tree is not None and not tree.alive():
+                    logger.warning(
+                        "replica %s died (exit %s); cleaning up", replica.id, tree.returncode
+                    )
+                    replica.state = "dead"
+                    replica.error = f"engine exited with {tree.returncode}"
+                    await asyncio.to_thread(self._clean_up, replica)
+                    replica.changed.set()
+
+    def _forget_old(self) -> None:
+        finished = [r for r in self.replicas.values() if r.state not in (*LIVE_STATES, "stopping")]
+        for replica in finished[:-KEEP_FINISHED]:
+            del self.replicas[replica.id]
+
+
+def processes_in(netns_path: Path) -> list[int]:
+    """Host pids whose network namespace is the one at netns_path."""
+    try:
+        inode = os.stat(netns_path).st_ino
+    except OSError:
+        return []
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{entry}/ns/net").st_ino == inode:
+                    pids.append(int(entry))
+    return pids
+
+
+def kill_namespace(netns_path: Path, timeout_s: float = 10.0) -> None:
+    """SIGKILL every process in the network namespace and wait until they are gone."""
+    deadline = time.monotonic() + timeout_s
+    while pids := processes_in(netns_path):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        if time.monotonic() > deadline:
+            logger.warning("processes %s in %s would not die", pids, netns_path)
+            return
+        time.sleep(0.05)
+
+
+def clean_leftovers(config: AgentConfig) -> list[str]:
+    """Kill the processes of, and remove, every namespace, link and cgroup with this agent's
+    prefixes (what a killed agent left). Returns what was removed."""
+    removed = []
+    for name in netns.ours(config.netns_prefix):
+        kill_namespace(netns.NETNS_DIR / name)
+        netns.delete_netns(name)
+        removed.append(f"netns {name}")
+    for name in netns.host_links(config.link_prefix):
+        netns.delete_interface(name)
+        removed.append(f"link {name}")
+    sweep(config.name, keep=set())
+    return removed
