@@ -41,3 +41,15 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
     out = tmp_path_factory.mktemp("models") / "tiny"
     yield write_tiny_llama(out, "tiny")
+
+
+@pytest.fixture(scope="session")
+def isolated_snapshot(
+    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, str]:
+    """One `fastboot snapshot create` of the tiny model per test run: (snapshot dir, id)."""
+    from tests.agents import create_snapshot
+
+    work = tmp_path_factory.mktemp("isolated")
+    snapshots = work / "snapshots"
+    return snapshots, create_snapshot(tiny_model, snapshots, work / "create.log")

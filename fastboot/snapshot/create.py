@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -275,7 +276,9 @@ def create_isolated(config: CreateConfig) -> Manifest:
                 f"fb-snap-{os.getpid()}-probe", f"fbs{tag}p", SNAPSHOT_SUBNET, 2 * tag + 1
             )
             try:
-                restored = restore_isolated(config.store, manifest, probe, run_dir)
+                restored = restore_isolated(
+                    config.store, manifest, probe, run_dir, sys.stderr.buffer
+                )
                 probe_url = f"http://{probe.ip}:{config.port}"
                 vllm.wait_ready(probe_url, 120, restored.alive)
                 check_oracle(probe_url, model, manifest)

@@ -1,0 +1,253 @@
+"""`fastboot agent` with real CRIU, real namespaces and real vLLM replicas of one snapshot."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from fastboot import netns
+from fastboot.snapshot.store import Store
+from tests.agents import Agent, agent_process, start_agent
+from tests.engine_process import processes_mentioning
+
+pytestmark = pytest.mark.integration
+
+
+def host_state(prefix: str) -> dict[str, object]:
+    """What a test must leave as it found: namespaces, links, mounts of an agent prefix."""
+    mounts = Path("/proc/self/mountinfo").read_text().count("\n")
+    return {
+        "netns": netns.ours(f"fb-{prefix}-"),
+        "links": netns.host_links(f"fb{prefix}h"),
+        "mounts": mounts,
+    }
+
+
+def success_count(base_url: str) -> float:
+    """vllm:request_success_total summed over finish reasons, from the replica's /metrics."""
+    with urllib.request.urlopen(base_url.removesuffix("/v1") + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("vllm:request_success_total{")
+    )
+
+
+def complete(replica: dict[str, object], prompt: str = "hello") -> str:
+    client = openai.OpenAI(base_url=str(replica["base_url"]), api_key="unused", max_retries=0)
+    reply = client.completions.create(
+        model=str(replica["model"]), prompt=prompt, max_tokens=4, temperature=0
+    )
+    return reply.choices[0].text
+
+
+@pytest.fixture(scope="module")
+def agent(
+    isolated_snapshot: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Agent]:
+    snapshots, _ = isolated_snapshot
+    work = tmp_path_factory.mktemp("agent")
+    before = host_state("t")
+    with agent_process(snapshots, work / "state", work / "agent.log", name="t", slots=3) as a:
+        yield a
+    assert host_state("t") == before
+
+
+def test_token_and_bad_requests_change_nothing(
+    agent: Agent, isolated_snapshot: tuple[Path, str]
+) -> None:
+    _, snapshot_id = isolated_snapshot
+    body = {"snapshot": snapshot_id, "count": 1}
+    assert agent.call("POST", "/v1/replicas", body, token="")[0] == 401
+    assert agent.call("POST", "/v1/replicas", body, token="wrong")[0] == 401
+    assert agent.call("GET", "/v1/replicas", token="wrong")[0] == 401
+    status, error = agent.call("POST", "/v1/replicas", {"snapshot": "0000dead", "count": 1})
+    assert status == 404 and "no snapshot" in error["error"]["message"]
+    status, error = agent.call("POST", "/v1/replicas", {"snapshot": snapshot_id, "count": 4})
+    assert status == 409 and "3 of 3 slots free" in error["error"]["message"]
+    assert agent.call("POST", "/v1/replicas", {"snapshot": snapshot_id, "count": 0})[0] == 400
+    assert agent.call("DELETE", "/v1/replicas/nope")[0] == 404
+    assert agent.ok("GET", "/v1/replicas")["replicas"] == []  # nothing was started
+    assert not netns.ours("fb-t-")
+    resources = agent.ok("GET", "/v1/resources")
+    assert resources["kind"] == "cpu" and resources["slots_free"] == 3
+    (listed,) = agent.ok("GET", "/v1/snapshots")["snapshots"]
+    assert listed["id"] == snapshot_id and listed["size_bytes"] > 0
+
+
+def test_three_replicas_of_one_snapshot_serve_independently(
+    agent: Agent, isolated_snapshot: tuple[Path, str]
+) -> None:
+    _, snapshot_id = isolated_snapshot
+    started = agent.call("POST", "/v1/replicas", {"snapshot": snapshot_id[:8], "count": 3})
+    assert started[0] == 202, started
+    replicas = [agent.wait_ready(r["id"]) for r in started[1]["replicas"]]
+    assert len({r["address"] for r in replicas}) == 3
+    assert len(netns.ours("fb-t-")) == 3
+    # Same snapshot, same greedy answer; each through its own address.
+    answers = {complete(r) for r in replicas}
+    assert len(answers) == 1 and answers != {""}
+    # Independent engines: each counts only what it served.
+    before = [success_count(str(r["base_url"])) for r in replicas]
+    for i, replica in enumerate(replicas):
+        for _ in range(i + 1):
+            complete(replica, f"request for replica {i}")
+    served = [success_count(str(r["base_url"])) - b for r, b in zip(replicas, before, strict=True)]
+    assert served == [1, 2, 3]
+
+    # Kill one: the agent notices within seconds and cleans its namespace; the others serve on.
+    victim, *others = replicas
+    os.kill(victim["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while (state := agent.ok("GET", f"/v1/replicas/{victim['id']}"))["state"] != "dead":
+        assert time.monotonic() < deadline, state
+        time.sleep(0.2)
+    assert "-9" in state["error"]
+    deadline = time.monotonic() + 10
+    while len(netns.ours("fb-t-")) != 2:
+        assert time.monotonic() < deadline, netns.ours("fb-t-")
+        time.sleep(0.2)
+    assert all(complete(r) in answers for r in others)
+
+    for replica in others:
+        assert agent.ok("DELETE", f"/v1/replicas/{replica['id']}")["state"] == "stopped"
+    assert not netns.ours("fb-t-") and not netns.host_links("fbth")
+    assert not [
+        p for p in processes_mentioning("vllm serve") if str(replicas[1]["pid"]) in p.split()[0]
+    ]
+
+
+def test_killed_agent_leaves_nothing_after_restart(
+    isolated_snapshot: tuple[Path, str], tmp_path: Path
+) -> None:
+    snapshots, snapshot_id = isolated_snapshot
+    before = host_state("k")
+    agent = start_agent(snapshots, tmp_path / "state", tmp_path / "agent.log", name="k", slots=1)
+    try:
+        (replica,) = agent.ok("POST", "/v1/replicas", {"snapshot": snapshot_id, "count": 1})[
+            "replicas"
+        ]
+        replica = agent.wait_ready(replica["id"])
+        os.killpg(agent.proc.pid, signal.SIGKILL)  # the agent only: the replica lives on
+        agent.proc.wait()
+        assert Path(f"/proc/{replica['pid']}").exists() and netns.ours("fb-k-")
+    finally:
+        agent.stop()
+    again = start_agent(snapshots, tmp_path / "state", tmp_path / "agent2.log", name="k", slots=1)
+    try:
+        assert "removed what a previous agent left: netns fb-k-0" in again.log.read_text()
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{replica['pid']}").exists():
+            assert time.monotonic() < deadline, "the orphaned replica still runs"
+            time.sleep(0.1)
+        assert again.ok("GET", "/v1/replicas")["replicas"] == []
+    finally:
+        assert again.stop() == 0
+    assert host_state("k") == before
+
+
+def test_without_privilege_a_restore_fails_clearly_and_leaves_nothing(
+    isolated_snapshot: tuple[Path, str], tmp_path: Path
+) -> None:
+    snapshots, snapshot_id = isolated_snapshot
+    before = host_state("np")
+    # root, but with an empty capability bounding set: no namespaces can be made.
+    prefix = ["setpriv", "--bounding-set", "-all", "--inh-caps", "-all", "--"]
+    with agent_process(
+        snapshots, tmp_path / "state", tmp_path / "agent.log", name="np", slots=1, prefix=prefix
+    ) as agent:
+        (replica,) = agent.ok("POST", "/v1/replicas", {"snapshot": snapshot_id, "count": 1})[
+            "replicas"
+        ]
+        replica = agent.ok("GET", f"/v1/replicas/{replica['id']}?wait=ready&timeout=60")
+        assert replica["state"] == "failed"
+        assert "ip netns add" in replica["error"] and "not permitted" in replica["error"]
+        assert agent.ok("GET", "/v1/resources")["slots_free"] == 1
+    assert host_state("np") == before
+
+
+@pytest.fixture
+def host_b() -> Iterator[netns.Link]:
+    """A second "host": a network namespace with a veth to this one."""
+    link = netns.create("fbtest-hostb", "fbtesthb", "10.214.9.0/24", 0)
+    try:
+        yield link
+    finally:
+        netns.delete(link)
+
+
+def test_a_second_host_pulls_the_snapshot_and_serves_it(
+    isolated_snapshot: tuple[Path, str], tmp_path: Path, host_b: netns.Link
+) -> None:
+    snapshots, snapshot_id = isolated_snapshot
+    from fastboot.serve import free_port
+
+    # Host A's agent, reachable from host B at the host end of B's link.
+    with agent_process(
+        snapshots,
+        tmp_path / "a",
+        tmp_path / "a.log",
+        name="xa",
+        listen_host=host_b.host_ip,
+        slots=1,
+    ) as a:
+        prefix = ["ip", "netns", "exec", host_b.netns]
+        with agent_process(
+            tmp_path / "b-snapshots",
+            tmp_path / "b",
+            tmp_path / "b.log",
+            name="xb",
+            listen_host=host_b.ip,
+            port=free_port(),
+            slots=1,
+            prefix=prefix,
+        ) as b:
+            assert b.ok("GET", "/v1/snapshots")["snapshots"] == []
+            status, wrong = b.call(
+                "POST",
+                "/v1/snapshots/pull",
+                {"source": a.url, "snapshot": snapshot_id, "token": "wrong"},
+            )
+            assert status == 422 and "401" in wrong["error"]["message"]
+            assert not (tmp_path / "b-snapshots" / snapshot_id).exists()
+            pulled = b.ok(
+                "POST",
+                "/v1/snapshots/pull",
+                {"source": a.url, "snapshot": snapshot_id, "token": a.token},
+            )
+            assert pulled["id"] == snapshot_id
+            assert (
+                Store(tmp_path / "b-snapshots").verify(snapshot_id).total_bytes
+                == pulled["size_bytes"]
+            )
+            (replica,) = b.ok("POST", "/v1/replicas", {"snapshot": snapshot_id, "count": 1})[
+                "replicas"
+            ]
+            replica = b.wait_ready(replica["id"])
+            # The replica lives in host B's network: ask it from there.
+            script = (
+                "import json,sys,urllib.request as u;"
+                "r=u.Request(sys.argv[1]+'/completions',data=json.dumps({'model':sys.argv[2],"
+                "'prompt':'hello','max_tokens':4,'temperature':0}).encode(),"
+                "headers={'content-type':'application/json'});"
+                "print(json.load(u.urlopen(r,timeout=60))['choices'][0]['text'])"
+            )
+            answer = subprocess.run(
+                [*prefix, sys.executable, "-c", script, replica["base_url"], replica["model"]],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=True,
+            ).stdout.strip()
+            assert answer
+    assert not netns.ours("fb-xb-") and not netns.ours("fb-xa-")
