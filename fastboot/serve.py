@@ -22,7 +22,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -73,6 +73,12 @@ class ServeConfig:
     """How long a cold boot may take to answer."""
     restore_timeout_s: float = 120.0
     """How long a restored engine may take to answer."""
+    weights_image: str | None = None
+    """Image to take the model from: mounted read-only at a stable path that vLLM gets as its
+    MODEL; MODEL stays the name clients use (see fastboot.imagefs.shared)."""
+    model_identity: dict[str, Any] | None = None
+    """How the snapshot key names the model when it is not hashed from its files (an image:
+    its index digest and mountpoint). Set by serve() for weights_image."""
 
     @property
     def store(self) -> Store:
@@ -127,7 +133,7 @@ def snapshot_key(
         "engine": vllm.NAME,
         "engine_version": engine_version,
         "argv": config.engine_argv,
-        "model": model_identity(config.model, cache),
+        "model": config.model_identity or model_identity(config.model, cache),
         "fastboot": __version__,
         "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("VLLM_")},
     }
@@ -160,8 +166,14 @@ def serve(config: ServeConfig) -> int:
     hooks.load(config.hooks)  # a bad --fastboot-hooks fails now, not after a cold boot
     become_subreaper()
     engine_version = vllm.version()
+    weights = None
     with _captured_signals(), tempfile.TemporaryDirectory(prefix="fastboot-run-") as run_dir:
         try:
+            if config.weights_image:
+                from fastboot.imagefs.shared import SharedMount
+
+                weights = SharedMount(config.weights_image)
+                config = _from_image(config, weights.acquire(), weights.identity)
             tree = _boot(config, engine_version, Path(run_dir))
             code = tree.wait()
             logger.info("engine exited with %s", code)
@@ -174,6 +186,22 @@ def serve(config: ServeConfig) -> int:
             # every tree this run started; a second Ctrl-C must not cut that short.
             with _captured_signals(_already_stopping):
                 stop_all()
+                if weights is not None:
+                    weights.release()  # after the engines: they may have files open there
+
+
+def _from_image(config: ServeConfig, mountpoint: Path, identity: dict[str, Any]) -> ServeConfig:
+    """vLLM gets the mountpoint as MODEL and, unless the flags name one, MODEL as the name it
+    serves under, so clients use the same name as with `fastboot serve MODEL`."""
+    argv = list(config.engine_argv)
+    if any(a.replace("_", "-").split("=")[0] == "--model" for a in argv):
+        raise UsageError(
+            "with --fastboot-weights-image, give MODEL first (the name clients use) instead of "
+            "--model: the engine's model is the image's mountpoint"
+        )
+    if not any(a.replace("_", "-").split("=")[0] == "--served-model-name" for a in argv):
+        argv += ["--served-model-name", config.model]
+    return replace(config, model=str(mountpoint), engine_argv=argv, model_identity=identity)
 
 
 def _boot(config: ServeConfig, engine_version: str, run_dir: Path) -> EngineTree:

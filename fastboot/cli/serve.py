@@ -14,6 +14,12 @@ FLAGS = [
     FlagSpec(
         "hooks", "module with quiesce(url)/resume(url) run around the dump/after restore", True
     ),
+    FlagSpec(
+        "weights-image",
+        "take the model from this image (`fastboot image build`), mounted read-only at "
+        "$FASTBOOT_HOME/mounts/<image id>; MODEL is then the name clients use",
+        True,
+    ),
 ]
 
 PASSTHROUGH = True
@@ -45,5 +51,8 @@ def run(args: argparse.Namespace) -> int:
         snapshot=not split.fastboot.get("no-snapshot"),
         refresh=bool(split.fastboot.get("refresh")),
         hooks=str(split.fastboot["hooks"]) if "hooks" in split.fastboot else None,
+        weights_image=(
+            str(split.fastboot["weights-image"]) if "weights-image" in split.fastboot else None
+        ),
     )
     return serve(config)
