@@ -1,4 +1,5 @@
-"""`fastboot image build | mount | umount | ls | verify | gc | push | pull | rm`."""
+"""`fastboot image build | mount | umount | ls | verify | gc | push | pull | rm |
+unpack-snapshot`."""
 
 from __future__ import annotations
 
@@ -87,6 +88,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     rm = sub.add_parser("rm", help="remove an image's name (`gc` frees its bytes)")
     rm.add_argument("name", metavar="NAME")
+
+    unpack = sub.add_parser(
+        "unpack-snapshot",
+        help="copy a snapshot stored as an image into the snapshot directory, verified",
+        description="Mount image NAME (built from a snapshot's directory), check every file "
+        "against the snapshot's manifest while copying it, and publish the snapshot where "
+        "`fastboot serve` looks for it.",
+        allow_abbrev=False,
+    )
+    unpack.add_argument("name", metavar="NAME")
+    unpack.add_argument(
+        "--remote", default=None, help="pull NAME from this base URL first (lazily)"
+    )
+    unpack.add_argument(
+        "--snapshot-dir",
+        type=Path,
+        default=None,
+        help="snapshot directory (default $FASTBOOT_HOME/snapshots)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -178,6 +198,12 @@ def run(args: argparse.Namespace) -> int:
             f"pulled {ref.name} ({ref.index[:12]}) from {remote}"
             + (" with every chunk" if args.all else " (chunks are fetched on use)")
         )
+    elif action == "unpack-snapshot":
+        from fastboot.imagefs.snapshots import unpack_snapshot
+
+        done = unpack_snapshot(args.name, args.snapshot_dir, store, remote=args.remote)
+        what = f"{done.bytes / 1e9:.2f} GB in {done.seconds:.1f} s" if done.bytes else "already"
+        print(f"snapshot {done.manifest.id} in {done.path.parent} ({what})")
     elif action == "rm":
         store.remove_ref(args.name)
         print(f"removed {args.name} (run `fastboot image gc` to free its bytes)")
