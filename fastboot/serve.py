@@ -76,6 +76,9 @@ class ServeConfig:
     weights_image: str | None = None
     """Image to take the model from: mounted read-only at a stable path that vLLM gets as its
     MODEL; MODEL stays the name clients use (see fastboot.imagefs.shared)."""
+    isolated: bool = False
+    """Serve as one replica: the engine in its own network, mount and pid namespaces with the
+    snapshot agents restore, published on host/port by a relay (fastboot.serve_isolated)."""
     model_identity: dict[str, Any] | None = None
     """How the snapshot key names the model when it is not hashed from its files (an image:
     its index digest and mountpoint). Set by serve() for weights_image."""
@@ -162,6 +165,12 @@ def check_port_free(host: str | None, port: int | None) -> None:
 
 def serve(config: ServeConfig) -> int:
     """Run the engine until it exits or SIGINT/SIGTERM arrives; returns the exit code."""
+    if config.isolated:
+        if config.weights_image:
+            raise UsageError("--fastboot-isolated does not take --fastboot-weights-image yet")
+        from fastboot.serve_isolated import serve_isolated
+
+        return serve_isolated(config)
     check_port_free(config.host, config.port)
     hooks.load(config.hooks)  # a bad --fastboot-hooks fails now, not after a cold boot
     become_subreaper()

@@ -15,6 +15,11 @@ FLAGS = [
         "hooks", "module with quiesce(url)/resume(url) run around the dump/after restore", True
     ),
     FlagSpec(
+        "isolated",
+        "run the engine as one replica (own network, mount and pid namespaces), published on "
+        "--host/--port; its snapshot is the one `fastboot snapshot create` and agents use",
+    ),
+    FlagSpec(
         "weights-image",
         "take the model from this image (`fastboot image build`), mounted read-only at "
         "$FASTBOOT_HOME/mounts/<image id>; MODEL is then the name clients use",
@@ -51,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         snapshot=not split.fastboot.get("no-snapshot"),
         refresh=bool(split.fastboot.get("refresh")),
         hooks=str(split.fastboot["hooks"]) if "hooks" in split.fastboot else None,
+        isolated=bool(split.fastboot.get("isolated")),
         weights_image=(
             str(split.fastboot["weights-image"]) if "weights-image" in split.fastboot else None
         ),

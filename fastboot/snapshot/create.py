@@ -210,15 +210,13 @@ class CreateConfig:
     ready_timeout_s: float = 900.0
 
 
-def create_isolated(config: CreateConfig) -> Manifest:
-    """Cold boot the engine in its own namespaces, snapshot it, and prove the snapshot restores
-    (once, into a second namespace, oracle checked) before returning its manifest. A snapshot
-    that does not restore is removed, never left for an agent to find."""
+def isolated_target(config: CreateConfig, digests: DigestCache) -> Target:
+    """Where the isolated snapshot of config goes: its key and id. The engine's --host/--port
+    are fastboot's (0.0.0.0:port inside the namespace), so one snapshot serves every replica
+    and `fastboot serve --fastboot-isolated` with the same flags finds the same snapshot."""
     from fastboot.serve import model_identity
 
     engine_version = vllm.version()
-    config.store.ensure()
-    digests = DigestCache(config.store.root / DIGEST_CACHE)
     argv = [*config.engine_argv, "--host", "0.0.0.0", "--port", str(config.port)]
     key = {
         "engine": vllm.NAME,
@@ -229,7 +227,7 @@ def create_isolated(config: CreateConfig) -> Manifest:
         "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("VLLM_")},
         "layout": "isolated",
     }
-    target = Target(
+    return Target(
         store=config.store,
         snapshot_id=key_id(key),
         key=key,
@@ -239,6 +237,27 @@ def create_isolated(config: CreateConfig) -> Manifest:
         hooks=config.hooks,
         isolation={"port": config.port},
     )
+
+
+def isolated_env(run_dir: Path) -> dict[str, str]:
+    """The environment of an isolated engine."""
+    env = engine_env(run_dir)
+    # vLLM binds its ZMQ ipc:// sockets under this directory (default /tmp, shared by every
+    # replica: "Can't bind ... Address already in use" on the second restore). The engine's
+    # /dev/shm is its own tmpfs, saved and restored with it.
+    env["VLLM_RPC_BASE_PATH"] = "/dev/shm"
+    return env
+
+
+def create_isolated(config: CreateConfig) -> Manifest:
+    """Cold boot the engine in its own namespaces, snapshot it, and prove the snapshot restores
+    (once, into a second namespace, oracle checked) before returning its manifest. A snapshot
+    that does not restore is removed, never left for an agent to find. Engine output goes to
+    stderr (the CLI prints the id on stdout)."""
+    config.store.ensure()
+    digests = DigestCache(config.store.root / DIGEST_CACHE)
+    target = isolated_target(config, digests)
+    argv = target.engine_argv
     hooks.load(config.hooks)
     become_subreaper()  # the probe restore's engine is reparented to us when criu exits
     # Two links per creating process: one for the engine, one for the probe restore.
@@ -249,14 +268,9 @@ def create_isolated(config: CreateConfig) -> Manifest:
         with tempfile.TemporaryDirectory(prefix="fastboot-create-") as tmp:
             run_dir = Path(tmp)
             start = time.monotonic()
-            env = engine_env(run_dir)
-            # vLLM binds its ZMQ ipc:// sockets under this directory (default /tmp, shared by
-            # every replica: "Can't bind ... Address already in use" on the second restore).
-            # The engine's /dev/shm is its own tmpfs, saved and restored with it.
-            env["VLLM_RPC_BASE_PATH"] = "/dev/shm"
-            tree = EngineTree.spawn(
-                vllm.command(config.model, argv), env, stdout_sink(), link.netns
-            )
+            env = isolated_env(run_dir)
+            engine = vllm.command(config.model, argv)
+            tree = EngineTree.spawn(engine, env, sys.stderr.buffer, link.netns)
             url = f"http://{link.ip}:{config.port}"
             try:
                 model = vllm.wait_ready(url, config.ready_timeout_s, tree.alive)

@@ -251,3 +251,41 @@ def test_a_second_host_pulls_the_snapshot_and_serves_it(
             ).stdout.strip()
             assert answer
     assert not netns.ours("fb-xb-") and not netns.ours("fb-xa-")
+
+
+def test_serve_isolated_restores_the_agents_snapshot_on_the_users_port(
+    isolated_snapshot: tuple[Path, str], tiny_model: Path, tmp_path: Path
+) -> None:
+    """`fastboot serve --fastboot-isolated` with the flags the snapshot was created with finds
+    that very snapshot (--host/--port are the relay's, not the engine's) and serves it."""
+    from fastboot.serve import free_port
+    from tests.agents import isolated_flags
+    from tests.engine_process import FastbootRun
+
+    snapshots, snapshot_id = isolated_snapshot
+    port = free_port()
+    argv = [str(tiny_model), "--host", "127.0.0.1", "--port", str(port), *isolated_flags()]
+    argv += ["--fastboot-isolated", "--fastboot-snapshot-dir", str(snapshots)]
+    run = FastbootRun(argv, tmp_path / "serve.log")
+    try:
+        run.wait_for(f"serving on 127.0.0.1:{port}", 300)
+        assert run.wait_for(r"restored snapshot (\w+)", 1)[1] == snapshot_id[:12]
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        chat = client.chat.completions.create(
+            model=str(tiny_model), messages=[{"role": "user", "content": "hi"}], max_tokens=4
+        )
+        assert chat.choices[0].message.content
+        stream = client.completions.create(
+            model=str(tiny_model), prompt="hello", max_tokens=4, temperature=0, stream=True
+        )
+        assert "".join(c.choices[0].text for c in stream) == complete(
+            {"base_url": f"http://127.0.0.1:{port}/v1", "model": str(tiny_model)}
+        )
+        # The port is taken now: a second run says so before booting anything.
+        busy = FastbootRun(argv, tmp_path / "busy.log")
+        assert busy.proc.wait(60) == 1
+        assert f"port {port} on 127.0.0.1 is busy" in busy.text()
+    finally:
+        assert run.interrupt(signal.SIGINT) == 0
+    assert not [n for n in netns.ours("fb-serve-")]
+    assert not processes_mentioning(str(tiny_model) + " --max-model-len")
