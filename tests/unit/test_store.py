@@ -137,3 +137,20 @@ def test_fingerprint_compatibility() -> None:
     other_kernel = fingerprint.Fingerprint(**{**HOST.__dict__, "kernel": "4.19.0"})
     assert "kernel differs" in str(fingerprint.incompatibility(other_kernel, HOST))
     assert fingerprint.Fingerprint.from_json(HOST.to_json()) == HOST
+
+
+def test_copy_sparse_keeps_content_and_makes_holes(tmp_path: Path) -> None:
+    from fastboot.snapshot.shm import copy_sparse
+
+    src = tmp_path / "psm_queue"
+    with src.open("wb") as f:
+        f.write(b"head")
+        f.seek(64 << 20)  # a hole
+        f.write(bytes(8 << 20))  # written zeros: become a hole in the copy
+        f.write(b"tail")
+        f.truncate(100 << 20)
+    dst = tmp_path / "copy"
+    copy_sparse(src, dst)
+    assert dst.read_bytes() == src.read_bytes()
+    assert dst.stat().st_size == 100 << 20
+    assert dst.stat().st_blocks * 512 < 4 << 20  # only the blocks with data were written
