@@ -8,10 +8,12 @@ with fixed buffer sizes (0, 2, 8, 32, 128) and the LP-sized buffer (fastboot.buf
 every 30 s from the live scale-up forecast, exactly as the router would). It reports GPU allocation
 utilization, p50/p99 request-to-first-token, and cost in GPU-hours.
 
-Boot phases come from benchmarks/results/boot_latency.json (measured here, CPU vLLM) and, for
+Boot phases come from results measured here (boot_latency.json: cold `vllm serve` and snapshot
+restore, CPU vLLM; imagefs.json: lazy-image mount and the cold fetch of the runtime's files;
+replicas.json, once it exists: K replicas restored at once, run as a sensitivity row) and, for
 the phases a CPU machine cannot measure (host allocation, GPU health check, weight download, CUDA
 init/graphs, GPU memory restore), from public figures cited in /work/shared/reference/*.md. Every
-phase is printed with its source and its label: measured / cited / placeholder.
+phase is printed with its source and its label: measured / cited / derived / placeholder.
 
 Model (simplifications stated): one host = one GPU = one replica of an 8B-class model; requests
 are simulated in 1-second arrival cohorts (split as slots free up), pooled per model (the router's
@@ -93,18 +95,7 @@ def load_phases() -> dict[str, Phase]:
             f"({REFS}/cold-start-anchors.md §4)",
         ),
     }
-    imagefs = RESULTS / "imagefs.json"
-    if imagefs.exists():
-        doc = json.loads(imagefs.read_text())
-        mount = float(doc.get("mount_s", doc.get("index_load_s", 0.1)))
-        ph["lazy_image_mount"] = Phase(mount, "measured", "imagefs.json")
-    else:
-        ph["lazy_image_mount"] = Phase(
-            0.1,
-            "placeholder",
-            "no imagefs.json yet: the < 100 ms index-load target "
-            f"({REFS}/lazy-image-anchors.md §10)",
-        )
+    ph.update(lazy_image_phases(RESULTS / "imagefs.json"))
     ph["snapshot_restore"] = Phase(
         float(big["fastboot_restore_median_s"]),
         "measured",
@@ -116,7 +107,69 @@ def load_phases() -> dict[str, Phase]:
         "Dynamo Snapshot: Qwen3-8B restore 8.1 s end to end, CRIU stage 49-67% of it, so the "
         f"GPU part is ~42% ({REFS}/cold-start-anchors.md §7)",
     )
+    if contended := parallel_restore_phase(RESULTS / "replicas.json", ph["snapshot_restore"]):
+        ph["snapshot_restore_k"] = contended
     return ph
+
+
+def lazy_image_phases(path: Path) -> dict[str, Phase]:
+    """The lazy image's share of a restore, from benchmarks/imagefs_bench.py's results.
+
+    Mount: the image's index loaded and the mount answering. Fetch: what a cold remote adds to
+    the runtime's files that a restored process maps (CRIU reopens every file mapping), measured
+    as cold `import torch` from the lazy image minus `import torch` from local disk.
+    """
+    if not path.exists():
+        reason = f"no {path.name} yet"
+        return {
+            "lazy_image_mount": Phase(
+                0.1,
+                "placeholder",
+                f"{reason}: the < 100 ms index-load target ({REFS}/lazy-image-anchors.md §10)",
+            ),
+            "lazy_image_fetch": Phase(0.0, "placeholder", f"{reason}: assumed free"),
+        }
+    doc = json.loads(path.read_text())
+    index, torch = doc["index"], doc["torch"]
+    image_mb, fetched_mb = torch["image_bytes"] / 1e6, torch["fetched_bytes"] / 1e6
+    return {
+        "lazy_image_mount": Phase(
+            float(index["mount_to_ready_s"]),
+            "measured",
+            f"{path.name}: mount of a {index['files']:,}-file image until it answers (index "
+            f"load {index['index_load_ms']:.1f} ms), this machine",
+        ),
+        "lazy_image_fetch": Phase(
+            float(torch["cold_s"]) - float(torch["local_s"]),
+            "measured",
+            f"{path.name}: cold `import torch` from the lazy image {torch['cold_s']:.2f} s minus "
+            f"local disk {torch['local_s']:.2f} s ({fetched_mb:.0f} MB fetched of a "
+            f"{image_mb:.0f} MB image, loopback nginx remote): the runtime files a restore maps",
+        ),
+    }
+
+
+def parallel_restore_phase(path: Path, single: Phase) -> Phase | None:
+    """Snapshot restore when K replicas restore at once on one host, from
+    benchmarks/replicas.py's results (None until they exist): the single restore scaled by the
+    measured K-at-once / one-at-a-time ratio at the largest K."""
+    if not path.exists():
+        return None
+    doc = json.loads(path.read_text())
+    rows = doc["results"]
+    one = next((r for r in rows if r["k"] == 1), None)
+    top = max(rows, key=lambda r: r["k"])
+    if one is None or top["k"] == 1:
+        return None
+    ratio = float(top["restore_median_s"]) / float(one["restore_median_s"])
+    cpus = doc.get("host", {}).get("cpus", "?")
+    return Phase(
+        single.seconds * ratio,
+        "derived",
+        f"{path.name}: {top['k']} tiny-model replicas restored at once took {ratio:.2f}x one "
+        f"({top['restore_median_s']:.2f} s vs {one['restore_median_s']:.2f} s, {cpus} CPU cores "
+        "shared: an upper bound for a GPU host), times the 1 GiB restore above",
+    )
 
 
 @dataclass(frozen=True)
@@ -133,10 +186,16 @@ def boot_models(ph: dict[str, Phase]) -> dict[str, BootModel]:
     cold = sum(
         ph[k].seconds for k in ("full_image_pull", "engine_cold_start", "cuda_init_and_graphs")
     )
-    restore = sum(
-        ph[k].seconds for k in ("lazy_image_mount", "snapshot_restore", "gpu_memory_restore")
-    )
-    return {"cold": BootModel("cold", cold, lead), "restore": BootModel("restore", restore, lead)}
+    lazy = ("lazy_image_mount", "lazy_image_fetch", "gpu_memory_restore")
+    restore = sum(ph[k].seconds for k in (*lazy, "snapshot_restore"))
+    models = {
+        "cold": BootModel("cold", cold, lead),
+        "restore": BootModel("restore", restore, lead),
+    }
+    if "snapshot_restore_k" in ph:
+        contended = sum(ph[k].seconds for k in (*lazy, "snapshot_restore_k"))
+        models["restore-k"] = BootModel("restore-k", contended, lead)
+    return models
 
 
 # --- workload -----------------------------------------------------------------------------------
@@ -498,6 +557,8 @@ MODES: list[tuple[str, str, list[int | str]]] = [
     ("no buffer + cold boot", "cold", [0]),
     ("buffer + cold boot", "cold", [2, 8, 32, 128, "lp"]),
     ("buffer + lazy image + restore", "restore", [0, 2, 8, 32, 128, "lp"]),
+    # Sensitivity, only once replicas.json exists: every restore as slow as K at once on a host.
+    ("buffer + restore, K at once", "restore-k", [32, "lp"]),
 ]
 
 
@@ -528,10 +589,12 @@ def plot(doc: dict[str, Any], out: Path, timelines: dict[str, list[Any]]) -> lis
     import matplotlib.pyplot as plt
 
     runs = doc["runs"]
-    colors = {"cold": "#c0504d", "restore": "#4f81bd"}
+    colors = {"cold": "#c0504d", "restore": "#4f81bd", "restore-k": "#8064a2"}
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     for setup, mode, _ in MODES:
         rows = [r for r in runs if r["setup"] == setup]
+        if not rows:
+            continue
         xs = [r["gpu_hours"] for r in rows]
         ys = [r["per_model"]["spiky"]["p99_s"] for r in rows]
         marker = "s" if setup.startswith("no buffer") else "o"
@@ -553,7 +616,7 @@ def plot(doc: dict[str, Any], out: Path, timelines: dict[str, list[Any]]) -> lis
     )
     axes[1].set_xticks(x, labels, fontsize=7)
     axes[1].set_ylabel("GPU allocation utilization (ready replica / paid)")
-    axes[1].set_title("Utilization per run (red: cold boot, blue: restore)")
+    axes[1].set_title("Utilization per run (red: cold boot, blue: restore, purple: K at once)")
     fig.tight_layout()
     main = out / "fleet_sim.png"
     fig.savefig(main, dpi=110)
@@ -578,6 +641,66 @@ def plot(doc: dict[str, Any], out: Path, timelines: dict[str, list[Any]]) -> lis
     return [main.name, timeline.name]
 
 
+#: The rows re-run on other seeds: a single trace's spike p99 hangs on a few spikes.
+KEY_ROWS = {("cold", 0), ("cold", 32), ("cold", "lp"), ("restore", 0), ("restore", 32)}
+KEY_ROWS |= {("restore", 128), ("restore", "lp")}
+
+
+def robustness(
+    seeds: list[int],
+    args: argparse.Namespace,
+    cfg: SimConfig,
+    phases: dict[str, Phase],
+    boots: dict[str, BootModel],
+    runs: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """The key rows on `seeds` as well as on the main run's: spike p99, overall p99 and cost
+    (relative to each seed's own baseline) per seed."""
+    if not seeds:
+        return []
+    rows: dict[tuple[str, str, str], dict[str, list[float]]] = {}
+
+    def add(run: dict[str, Any], base: dict[str, Any]) -> None:
+        key = (run["setup"], run["boot"], str(run["buffer"]))
+        row = rows.setdefault(key, {"spiky_p99_s": [], "ttft_p99_s": [], "cost_x": []})
+        row["spiky_p99_s"].append(run["per_model"]["spiky"]["p99_s"])
+        row["ttft_p99_s"].append(run["ttft_p99_s"])
+        row["cost_x"].append(run["gpu_hours"] / base["gpu_hours"])
+
+    for run in runs:
+        if (run["boot"], run["buffer"]) in KEY_ROWS:
+            add(run, runs[0])
+    for seed in seeds:
+        work = make_workload(seed, int(args.hours * 3600), args.doc_gpus, cfg.service_s, cfg.conc)
+        base: dict[str, Any] | None = None
+        for setup, mode, sizes in MODES:
+            for size in sizes:
+                if (mode, size) not in KEY_ROWS:
+                    continue
+                result = Fleet(work, boots[mode], size, cfg, phases, seed).run()
+                run = {"setup": setup, "boot": mode, "buffer": size, **result}
+                base = base or run
+                add(run, base)
+    return [
+        {"setup": setup, "boot": boot, "buffer": buffer, "seeds": [args.seed, *seeds], **values}
+        for (setup, boot, buffer), values in rows.items()
+    ]
+
+
+def robust_table(rows: list[dict[str, Any]]) -> str:
+    def cell(values: list[float], fmt: str) -> str:
+        return f"{np.median(values):{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]"
+
+    head = f"{'setup':31} {'buffer':>6} {'spiky p99 s':>18} {'p99 s':>18} {'cost x':>17}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['setup']:31} {r['buffer']:>6} {cell(r['spiky_p99_s'], '.0f'):>18} "
+            f"{cell(r['ttft_p99_s'], '.0f'):>18} {cell(r['cost_x'], '.2f'):>17}"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seed", type=int, default=7)
@@ -585,6 +708,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doc-gpus", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument(
+        "--other-seeds",
+        default="8,9,10",
+        help="seeds of the robustness table (the key rows on other traces); '' to skip",
+    )
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -608,12 +736,17 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     timelines: dict[str, list[Any]] = {}
     for setup, mode, sizes in MODES:
+        if mode not in boots:
+            print(f"({setup}: not simulated, no results/replicas.json yet)")
+            continue
         for size in sizes:
             fleet = Fleet(work, boots[mode], size, cfg, phases, args.seed)
             result = fleet.run()
             runs.append({"setup": setup, "boot": mode, "buffer": size, **result})
             if (mode, size) in {("cold", 0), ("cold", "lp"), ("restore", 8), ("restore", "lp")}:
                 timelines[f"{setup}, buffer {size}"] = fleet.series
+    seeds = [int(x) for x in args.other_seeds.split(",") if x.strip()]
+    robust = robustness(seeds, args, cfg, phases, boots, runs)
     elapsed = time.perf_counter() - started
 
     print()
@@ -628,6 +761,9 @@ def main(argv: list[str] | None = None) -> int:
             f"LP ({r['setup']}): {r['lp_solves']} solves, median {r['lp_solve_ms_p50']:.1f} ms, "
             f"max {r['lp_solve_ms_max']:.1f} ms"
         )
+    if robust:
+        print(f"\nSame rows on seeds {args.seed},{args.other_seeds} (median [min-max]):")
+        print(robust_table(robust))
     print(f"simulated in {elapsed:.1f} s")
 
     doc = {
@@ -641,6 +777,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": asdict(cfg),
         "workload": work.description,
         "runs": runs,
+        "robustness": robust,
         "elapsed_s": elapsed,
     }
     args.out.mkdir(parents=True, exist_ok=True)
