@@ -15,6 +15,7 @@ import openai
 import pytest
 
 from fastboot import netns
+from fastboot.agent.cgroups import ReplicaCgroup
 from fastboot.snapshot.store import Store
 from tests.agents import Agent, agent_process, start_agent
 from tests.engine_process import processes_mentioning
@@ -58,7 +59,10 @@ def agent(
     snapshots, _ = isolated_snapshot
     work = tmp_path_factory.mktemp("agent")
     before = host_state("t")
-    with agent_process(snapshots, work / "state", work / "agent.log", name="t", slots=3) as a:
+    limits = ["--replica-memory", "3g", "--replica-cpus", "1.5"]
+    with agent_process(
+        snapshots, work / "state", work / "agent.log", name="t", slots=3, extra=limits
+    ) as a:
         yield a
     assert host_state("t") == before
 
@@ -94,6 +98,12 @@ def test_three_replicas_of_one_snapshot_serve_independently(
     replicas = [agent.wait_ready(r["id"]) for r in started[1]["replicas"]]
     assert len({r["address"] for r in replicas}) == 3
     assert len(netns.ours("fb-t-")) == 3
+    # Each replica's processes sit in their own cgroup, with the limits asked for.
+    for replica in replicas:
+        group = ReplicaCgroup("t", str(replica["id"]))
+        assert group.memory_limit() == 3 << 30
+        cgroups = Path(f"/proc/{replica['pid']}/cgroup").read_text()
+        assert f"fastboot/t/{replica['id']}" in cgroups
     # Same snapshot, same greedy answer; each through its own address.
     answers = {complete(r) for r in replicas}
     assert len(answers) == 1 and answers != {""}
