@@ -150,9 +150,26 @@ class Controller:
             self._spawn(self._place(pool))
 
     async def _place(self, pool: ModelPool) -> None:
-        """Place one replica for `pool`, retrying while it is still wanted."""
+        """Place one replica for `pool`, retrying while it is still wanted.
+
+        After two or more boots of this model failed in a row (e.g. an agent that cannot
+        restore the snapshot, or is still cleaning up a dead replica's namespace), the next
+        placement first waits out a backoff, so a broken restore is not retried in a tight loop.
+        """
         attempt = 0
+        placed = False
         try:
+            if (failures := pool.boot_failures) > 1:
+                delay = BACKOFF_S[min(failures - 2, len(BACKOFF_S) - 1)]
+                logger.info(
+                    "%d boots of %s failed in a row; placing again in %.1f s",
+                    failures,
+                    pool.name,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                if pool.current() > pool.target:
+                    return
             while True:
                 started = self.clock()
                 try:
@@ -168,6 +185,7 @@ class Controller:
                     continue
                 self.metrics.boot.labels(pool.name, "place").observe(self.clock() - started)
                 pool.pending -= 1
+                placed = True
                 replica = self._add(pool, agent, info)
                 logger.info(
                     "placing %s replica %s on %s (snapshot %s)",
@@ -177,9 +195,10 @@ class Controller:
                     pool.config.snapshot,
                 )
                 break
-        except BaseException:
-            pool.pending -= 1
-            raise
+        finally:
+            # Every way out without a replica (given up, cancelled) ends the pending placement.
+            if not placed:
+                pool.pending -= 1
         await self._watch(pool, agent, replica, started)
 
     async def _watch(
@@ -191,12 +210,14 @@ class Controller:
         while replica.state == BOOTING:
             remaining = deadline - self.clock()
             if remaining <= 0:
+                pool.boot_failures += 1
                 self._fail(pool, replica, "boot_timeout", "not ready within boot_timeout_s")
                 return
             try:
                 info = await agent.wait_ready(replica.id, min(LONG_POLL_S, remaining))
             except AgentError as exc:
                 if exc.status == 404:
+                    pool.boot_failures += 1
                     self._fail(pool, replica, "dead", "its agent no longer knows it")
                     return
                 logger.warning("waiting for replica %s: %s", replica.id, exc)
@@ -205,10 +226,12 @@ class Controller:
             if info.state == READY:
                 break
             if info.state in (FAILED, DEAD, STOPPED):
+                pool.boot_failures += 1
                 self._fail(pool, replica, info.state, info.error or info.state)
                 return
         if replica.state != BOOTING or info is None:
             return
+        pool.boot_failures = 0
         replica.address = info.address or replica.address
         replica.served_model = pool.config.served_model_name or info.model or pool.name
         boot = self.metrics.boot

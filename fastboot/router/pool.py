@@ -41,6 +41,8 @@ class ModelPool:
         self.autoscaler = Autoscaler(config)
         #: Placements asked of agents that have no replica yet.
         self.pending = 0
+        #: Boots that failed in a row (reset when one is ready); paces replacements.
+        self.boot_failures = 0
         #: Replica count the pool is being driven to (autoscaler and immediate wishes).
         self.target = config.floor
         #: Why the last placement or replica failed, for 503 messages.

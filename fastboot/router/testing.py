@@ -150,10 +150,6 @@ class FakeAgent:
     refuse: list[int] = field(default_factory=list)
     #: Served model name reported for replicas (None: the snapshot id).
     model: str | None = None
-    #: Called with each new replica (its dict) after a POST, e.g. to start a real engine.
-    on_create: Callable[[dict[str, Any]], None] | None = None
-    #: Called with a replica (its dict) when it is DELETEd, e.g. to stop that engine.
-    on_delete: Callable[[dict[str, Any]], None] | None = None
     replicas: dict[str, dict[str, Any]] = field(default_factory=dict)
     posts: list[dict[str, Any]] = field(default_factory=list)
     deletes: list[str] = field(default_factory=list)
@@ -240,9 +236,6 @@ class FakeAgent:
         if len(self.live()) + count > self.slots:
             return _error(409, "not enough free slots")
         made = [self.add_replica(str(doc["snapshot"])) for _ in range(count)]
-        for replica in made:
-            if self.on_create is not None:
-                self.on_create(replica)
         if self.ready_after_s is not None:
             for replica in made:
                 task = asyncio.get_running_loop().create_task(self._ready_later(replica["id"]))
@@ -271,8 +264,6 @@ class FakeAgent:
             return _error(404, f"no replica {replica_id}")
         self.deletes.append(replica_id)
         self.set_state(replica_id, "stopped")
-        if self.on_delete is not None:
-            self.on_delete(self.replicas[replica_id])
         return web.json_response(self.replicas[replica_id])
 
 
