@@ -12,6 +12,11 @@
 Prints a table and writes benchmarks/results/imagefs.json and imagefs.png.
 
     .venv/bin/python benchmarks/imagefs_bench.py [--skip-torch] [--files 100000]
+
+With --snapshot it measures only snapshots stored as images (tiny model, real vLLM and CRIU):
+`fastboot serve`'s restore from the local snapshot directory (page cache cold and warm) vs from
+the snapshot's image mounted in its place (cold from nginx, then warm), and `fastboot image
+unpack-snapshot` from nginx followed by a local restore; it writes imagefs_snapshot.json/.png.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -258,6 +265,177 @@ def bench_torch(work: Path, server: Nginx) -> dict[str, Any]:
     return out
 
 
+RESTORED = re.compile(r"restored snapshot (\w+) in ([\d.]+) s; cold boot was ([\d.]+) s")
+PHASES = {
+    "verify_s": re.compile(r"verified \d+ files in ([\d.]+) s"),
+    "criu_s": re.compile(r"criu restore took ([\d.]+) s"),
+    "answer_s": re.compile(r"restored engine answered in ([\d.]+) s"),
+}
+
+
+def serve_once(
+    argv: list[str], log: Path, env: dict[str, str], deadline_s: float
+) -> dict[str, Any]:
+    """`fastboot serve argv` until it serves a restored engine, then Ctrl-C; its timings."""
+    started = time.perf_counter()
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fastboot", "serve", *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+            start_new_session=True,
+        )
+    try:
+        while not (match := RESTORED.search(text := log.read_text(errors="replace"))):
+            if proc.poll() is not None or time.perf_counter() - started > deadline_s:
+                raise RuntimeError(f"no restore (exit {proc.poll()}); {log}:\n{text[-3000:]}")
+            time.sleep(0.05)
+        wall = time.perf_counter() - started
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log.read_text(errors="replace")
+    out_: dict[str, Any] = {
+        "wall_s": wall,
+        "restore_s": float(match[2]),
+        "cold_boot_s": float(match[3]),
+        "cold_booted": "cold boot ready in" in text,
+    }
+    for key, regex in PHASES.items():
+        found = regex.findall(text)
+        out_[key] = float(found[-1]) if found else None
+    return out_
+
+
+def bench_snapshot(work: Path, server: Nginx) -> dict[str, Any]:
+    """Restore from a local snapshot vs from its image mounted in its place vs unpacked."""
+    from fastboot.imagefs.snapshots import unpack_snapshot
+    from fastboot.models.tiny import cpu_serve_flags, write_tiny_llama
+    from fastboot.serve import free_port
+
+    model = write_tiny_llama(work / "tiny", "tiny")
+    port = free_port()
+    env = {"FASTBOOT_HOME": str(work / "home"), "FASTBOOT_LOG_LEVEL": "DEBUG"}
+    logs = work / "serve-logs"
+    logs.mkdir()
+
+    def run(name: str, snapshots: Path, deadline_s: float = 180) -> dict[str, Any]:
+        argv = [str(model), "--port", str(port), *cpu_serve_flags("tiny")]
+        argv += ["--fastboot-snapshot-dir", str(snapshots)]
+        result = serve_once(argv, logs / f"{name}.log", env, deadline_s)
+        print(f"  {name}: {result}", file=sys.stderr)
+        return result
+
+    local = work / "snaps-local"
+    out: dict[str, Any] = {"first": run("first", local, 900)}
+    (snap,) = [p for p in local.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    files = [p for p in snap.rglob("*") if p.is_file()]
+    out["snapshot_bytes"] = sum(p.stat().st_size for p in files)
+    out["local_warm"] = run("local-warm", local)
+    for path in files:
+        drop_cache(path)
+    out["local_cold"] = run("local-cold", local)
+
+    origin = ImageStore(work / "store-snap")
+    started = time.perf_counter()
+    ref = build(origin, snap, f"snap-{snap.name}", progress=False)
+    out["build_s"] = time.perf_counter() - started
+    out["image_stored_bytes"] = ref.stored_bytes
+    origin.push(ref.name, server.root)
+    host = ImageStore(work / "host-snap")
+    pull(host, ref.name, server.url)
+    mounted_dir = work / "snaps-mounted"
+    point = mounted_dir / snap.name
+    point.mkdir(parents=True)
+    opts = MountOptions(prefetch=False, record=False, ram_bytes=512 * MiB)
+    with mounted(ref.name, point, host, opts) as record:
+        out["mount_cold"] = run("mount-cold", mounted_dir)
+        out["mount_warm"] = run("mount-warm", mounted_dir)
+    cold = values(record)
+    out["mount_fetched_bytes"] = cold['fastboot_imagefs_chunk_bytes_total{tier="remote"}']
+
+    fresh(host)
+    unpacked = work / "snaps-unpacked"
+    done = unpack_snapshot(ref.name, unpacked, host)
+    out["unpack_s"] = done.seconds
+    out["unpack_bytes"] = done.bytes
+    out["unpacked_restore"] = run("unpacked", unpacked)
+    return out
+
+
+def snapshot_table(sn: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    def row(label: str, case: str, base: str) -> tuple[str, str, str, str, str]:
+        mine, ref = sn[case]["restore_s"], sn[base]["restore_s"]
+        phases = f"verify {sn[case]['verify_s']:.2f} + criu {sn[case]['criu_s']:.2f}"
+        return (
+            f"{label} ({phases})",
+            f"{mine:.2f} s",
+            f"{base.replace('_', ' ')} {ref:.2f} s",
+            f"{mine / ref:.2f}x",
+            "",
+        )
+
+    gb = sn["snapshot_bytes"] / 1e9
+    return [
+        row("restore, local snapshot, page cache cold", "local_cold", "local_warm"),
+        row("restore, snapshot image mounted, cold from nginx", "mount_cold", "local_cold"),
+        row("restore, snapshot image mounted, warm", "mount_warm", "local_warm"),
+        (
+            f"unpack-snapshot from nginx ({gb:.2f} GB)",
+            f"{sn['unpack_s']:.2f} s",
+            f"build {sn['build_s']:.1f} s",
+            f"{sn['unpack_bytes'] / sn['unpack_s'] / 1e9:.2f} GB/s",
+            "",
+        ),
+        row("restore after unpack-snapshot", "unpacked_restore", "local_warm"),
+        (
+            "snapshot image stored (zstd where it pays)",
+            f"{sn['image_stored_bytes'] / 1e9:.2f} GB",
+            f"files {gb:.2f} GB",
+            f"{sn['image_stored_bytes'] / sn['snapshot_bytes']:.2f}x",
+            "",
+        ),
+    ]
+
+
+def plot_snapshot(sn: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = ["local_warm", "local_cold", "mount_warm", "mount_cold", "unpacked_restore"]
+    labels = [c.replace("_", "\n") for c in cases]
+    labels[-1] = "unpack from nginx,\nthen restore"
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    bottom = [0.0] * len(cases)
+    unpack = [sn["unpack_s"] if c == "unpacked_restore" else 0.0 for c in cases]
+    ax.bar(labels, unpack, color="#58c")
+    bottom = unpack
+    for phase, color in (("verify_s", "#c84"), ("criu_s", "#2a7"), ("answer_s", "#888")):
+        heights = [sn[c][phase] or 0.0 for c in cases]
+        ax.bar(labels, heights, bottom=bottom, color=color)
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    ax.legend(["unpack-snapshot", "verify", "criu restore", "first answer"])
+    ax.set_ylabel("seconds")
+    ax.set_title("fastboot serve restore of the tiny model: local snapshot vs snapshot image")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def print_table(rows: list[tuple[str, str, str, str, str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    header = ("measure", "imagefs", "baseline", "ratio", "target")
+    widths = [max(w, len(h)) for w, h in zip(widths, header, strict=True)]
+    for row in (header, *rows):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+
+
 def table(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     rows: list[tuple[str, str, str, str, str]] = []
     ix = results["index"]
@@ -391,8 +569,12 @@ def main() -> int:
     )
     parser.add_argument("--files", type=int, default=100_000)
     parser.add_argument("--skip-torch", action="store_true")
-    parser.add_argument("--out", type=Path, default=RESULTS / "imagefs.json")
+    parser.add_argument(
+        "--snapshot", action="store_true", help="only the snapshot-image restore measurements"
+    )
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    args.out = args.out or RESULTS / ("imagefs_snapshot.json" if args.snapshot else "imagefs.json")
     if os.geteuid() != 0:
         print("imagefs_bench needs root (FUSE mounts)", file=sys.stderr)
         return 2
@@ -417,21 +599,22 @@ def main() -> int:
             ]
             if not args.skip_torch:
                 steps.append(("torch", lambda: bench_torch(work, server)))
+            if args.snapshot:
+                steps = [("snapshot", lambda: bench_snapshot(work, server))]
             for name, step in steps:
                 started = time.perf_counter()
                 results[name] = step()
                 print(f"{name}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
     results["host"]["loadavg_at_end"] = os.getloadavg()
-    rows = table(results)
+    rows = snapshot_table(results["snapshot"]) if args.snapshot else table(results)
     results["table"] = rows
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    header = ("measure", "imagefs", "baseline", "ratio", "target")
-    widths = [max(w, len(h)) for w, h in zip(widths, header, strict=True)]
-    for row in (header, *rows):
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+    print_table(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
-    plot(results, args.out.with_suffix(".png"))
+    if args.snapshot:
+        plot_snapshot(results["snapshot"], args.out.with_suffix(".png"))
+    else:
+        plot(results, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
 
