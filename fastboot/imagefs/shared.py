@@ -37,6 +37,7 @@ import os
 import secrets
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,7 +77,11 @@ def _live(user: str) -> bool:
 
 @contextlib.contextmanager
 def _held_signals() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM for the block, then deliver them to the handlers in place before."""
+    """Hold SIGINT/SIGTERM for the block, then deliver them to the handlers in place before.
+    Only the main thread has signal handlers; elsewhere this holds nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     arrived: list[int] = []
 
     def hold(signum: int, frame: FrameType | None) -> None:
