@@ -4,6 +4,8 @@
 - `hosts`: the host lifecycle state machine and the `Provider` protocol (`StaticProvider`).
 - `health`: the two tiers of health checks (short on boot/assignment, deep on idle hosts).
 - `manager`: `BufferManager`, which keeps the buffer at its targets and hands hosts out.
+- `placement`: `BufferedPlacement`, the router's placement over hosts taken from the buffer
+  (import it from its module: it needs the router's agent client, so this package does not).
 
 docs/buffer.md writes the model and the lifecycle down.
 """
