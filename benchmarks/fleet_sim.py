@@ -10,10 +10,11 @@ utilization, p50/p99 request-to-first-token, and cost in GPU-hours.
 
 Boot phases come from results measured here (boot_latency.json: cold `vllm serve` and snapshot
 restore, CPU vLLM; imagefs.json: lazy-image mount and the cold fetch of the runtime's files;
-replicas.json, once it exists: K replicas restored at once, run as a sensitivity row) and, for
-the phases a CPU machine cannot measure (host allocation, GPU health check, weight download, CUDA
-init/graphs, GPU memory restore), from public figures cited in /work/shared/reference/*.md. Every
-phase is printed with its source and its label: measured / cited / derived / placeholder.
+replicas.json and imagefs_snapshot.json, once they exist: K replicas restored at once, and a
+restore from the snapshot's image, cold, each run as a sensitivity row) and, for the phases a
+CPU machine cannot measure (host allocation, GPU health check, weight download, CUDA init/graphs,
+GPU memory restore), from public figures cited in /work/shared/reference/*.md. Every phase is
+printed with its source and its label: measured / cited / derived / placeholder.
 
 Model (simplifications stated): one host = one GPU = one replica of an 8B-class model; requests
 are simulated in 1-second arrival cohorts (split as slots free up), pooled per model (the router's
@@ -109,7 +110,25 @@ def load_phases() -> dict[str, Phase]:
     )
     if contended := parallel_restore_phase(RESULTS / "replicas.json", ph["snapshot_restore"]):
         ph["snapshot_restore_k"] = contended
+    if from_image := snapshot_image_phase(RESULTS / "imagefs_snapshot.json"):
+        ph["snapshot_from_image"] = from_image
     return ph
+
+
+def snapshot_image_phase(path: Path) -> Phase | None:
+    """What a host without the snapshot pays to restore it from its image, cold, over a warm
+    local copy (benchmarks/imagefs_bench.py --snapshot; None until that result exists)."""
+    if not path.exists():
+        return None
+    snap = json.loads(path.read_text())["snapshot"]
+    cold, warm = snap["mount_cold"], snap["local_warm"]
+    return Phase(
+        float(cold["restore_s"]) - float(warm["restore_s"]),
+        "measured",
+        f"{path.name}: tiny-model snapshot ({snap['snapshot_bytes'] / 1e9:.2f} GB) restored from "
+        f"its image mounted cold {cold['restore_s']:.2f} s (verify {cold['verify_s']:.2f} s) "
+        f"minus from a warm local copy {warm['restore_s']:.2f} s",
+    )
 
 
 def lazy_image_phases(path: Path) -> dict[str, Phase]:
@@ -195,6 +214,10 @@ def boot_models(ph: dict[str, Phase]) -> dict[str, BootModel]:
     if "snapshot_restore_k" in ph:
         contended = sum(ph[k].seconds for k in (*lazy, "snapshot_restore_k"))
         models["restore-k"] = BootModel("restore-k", contended, lead)
+    if "snapshot_from_image" in ph:
+        models["restore-img"] = BootModel(
+            "restore-img", restore + ph["snapshot_from_image"].seconds, lead
+        )
     return models
 
 
@@ -559,6 +582,9 @@ MODES: list[tuple[str, str, list[int | str]]] = [
     ("buffer + lazy image + restore", "restore", [0, 2, 8, 32, 128, "lp"]),
     # Sensitivity, only once replicas.json exists: every restore as slow as K at once on a host.
     ("buffer + restore, K at once", "restore-k", [32, "lp"]),
+    # Sensitivity, once imagefs_snapshot.json exists: every host restores from the snapshot's
+    # image, cold (no host keeps or pre-pulls snapshots).
+    ("buffer + restore, snap image", "restore-img", [32, "lp"]),
 ]
 
 
@@ -589,7 +615,12 @@ def plot(doc: dict[str, Any], out: Path, timelines: dict[str, list[Any]]) -> lis
     import matplotlib.pyplot as plt
 
     runs = doc["runs"]
-    colors = {"cold": "#c0504d", "restore": "#4f81bd", "restore-k": "#8064a2"}
+    colors = {
+        "cold": "#c0504d",
+        "restore": "#4f81bd",
+        "restore-k": "#8064a2",
+        "restore-img": "#4bacc6",
+    }
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     for setup, mode, _ in MODES:
         rows = [r for r in runs if r["setup"] == setup]
@@ -616,7 +647,7 @@ def plot(doc: dict[str, Any], out: Path, timelines: dict[str, list[Any]]) -> lis
     )
     axes[1].set_xticks(x, labels, fontsize=7)
     axes[1].set_ylabel("GPU allocation utilization (ready replica / paid)")
-    axes[1].set_title("Utilization per run (red: cold boot, blue: restore, purple: K at once)")
+    axes[1].set_title("Utilization per run (red: cold, blue: restore, purple/cyan: sensitivity)")
     fig.tight_layout()
     main = out / "fleet_sim.png"
     fig.savefig(main, dpi=110)
@@ -643,7 +674,7 @@ def plot(doc: dict[str, Any], out: Path, timelines: dict[str, list[Any]]) -> lis
 
 #: The rows re-run on other seeds: a single trace's spike p99 hangs on a few spikes.
 KEY_ROWS = {("cold", 0), ("cold", 32), ("cold", "lp"), ("restore", 0), ("restore", 32)}
-KEY_ROWS |= {("restore", 128), ("restore", "lp")}
+KEY_ROWS |= {("restore", 128), ("restore", "lp"), ("restore-k", 32), ("restore-img", 32)}
 
 
 def robustness(
@@ -675,7 +706,7 @@ def robustness(
         base: dict[str, Any] | None = None
         for setup, mode, sizes in MODES:
             for size in sizes:
-                if (mode, size) not in KEY_ROWS:
+                if (mode, size) not in KEY_ROWS or mode not in boots:
                     continue
                 result = Fleet(work, boots[mode], size, cfg, phases, seed).run()
                 run = {"setup": setup, "boot": mode, "buffer": size, **result}
@@ -737,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
     timelines: dict[str, list[Any]] = {}
     for setup, mode, sizes in MODES:
         if mode not in boots:
-            print(f"({setup}: not simulated, no results/replicas.json yet)")
+            print(f"({setup}: not simulated, its measured input is not in results/ yet)")
             continue
         for size in sizes:
             fleet = Fleet(work, boots[mode], size, cfg, phases, args.seed)
