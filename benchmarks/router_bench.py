@@ -18,7 +18,20 @@ Measured in one run:
      replica ready exactly RESTORE_S after the placement POST; the router's share is the
      request's latency minus RESTORE_S (target: <= 100 ms). One sample per model `cold-I`.
 
-    .venv/bin/python benchmarks/router_bench.py [--requests 2000] [--streams 2000]
+Then against the REAL agent (`--only real` runs just these; needs root, CRIU and vLLM): the script
+writes the tiny model, takes its own `fastboot snapshot create`, starts `fastboot agent` (own name
+and subnet) and a router in front of it, and measures:
+  5. scale from zero, real: a fresh router at zero replicas per sample; time from sending a
+     streaming request to its first token, against the restore time the agent reports for the
+     replica it made (`timings.ready_s`), and against the same request's TTFT on the warm
+     replica directly (target: router adds <= 100 ms beyond restore + TTFT);
+  6. `vllm bench serve` (vLLM's own load generator, random dataset) once through the router and
+     once directly against the same replica: throughput and TTFT/TPOT medians.
+Everything it started (router, agent, replicas, namespaces, the snapshot) is gone at the end.
+
+    .venv/bin/python benchmarks/router_bench.py [--requests 2000] [--streams 2000] [--only real]
+
+Results are merged into the JSON file: sections not run keep their numbers from earlier runs.
 """
 
 from __future__ import annotations
@@ -260,6 +273,284 @@ async def scale_from_zero(router_url: str, count: int) -> dict[str, Any]:
     }
 
 
+# --- against the real agent -----------------------------------------------------------------
+
+#: The benchmark's agent: its own name (namespaces fb-rb-N, links fbrbhN) and subnet, apart from
+#: the agents' default 10.213/16 that another agent on this host may be using.
+AGENT_NAME, AGENT_SUBNET = "rb", "10.217.0.0/24"
+COLD_BODY = {"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 8, "stream": True}
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"(no log: {exc})"
+
+
+class RealAgent:
+    """`fastboot agent` as a child process, with a small JSON client for its API."""
+
+    def __init__(self, work: Path, snapshots: Path) -> None:
+        import secrets
+
+        from fastboot.serve import free_port
+
+        self.token = secrets.token_hex(16)
+        token_file = work / "agent.token"
+        token_file.write_text(self.token)
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = work / "agent.log"
+        argv = [sys.executable, "-m", "fastboot", "agent", "--listen", f"127.0.0.1:{port}",
+                "--token-file", str(token_file), "--name", AGENT_NAME, "--subnet", AGENT_SUBNET,
+                "--snapshot-dir", str(snapshots), "--state-dir", str(work / "agent"),
+                "--slots", "1"]  # fmt: skip
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{tail(self.log)}")
+            try:
+                self.call("GET", "/v1/health", timeout=2)
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"agent not healthy in 60 s:\n{tail(self.log)}") from None
+                time.sleep(0.1)
+
+    def call(self, method: str, path: str, body: Any = None, timeout: float = 300) -> Any:
+        request = urllib.request.Request(
+            self.url + path,
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read() or b"null")
+
+    def live(self) -> list[dict[str, Any]]:
+        replicas: list[dict[str, Any]] = self.call("GET", "/v1/replicas")["replicas"]
+        return [r for r in replicas if r["state"] in ("restoring", "ready")]
+
+    def delete_all(self) -> None:
+        for replica in self.live():
+            self.call("DELETE", f"/v1/replicas/{replica['id']}")
+
+    def stop(self) -> None:
+        """SIGTERM: the agent stops its replicas and removes their namespaces."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait()
+
+
+def make_snapshot(work: Path) -> tuple[Path, Path, str, float]:
+    """Write the tiny model and `fastboot snapshot create` it: (model, snapshot dir, id, s)."""
+    from fastboot.models.tiny import cpu_serve_flags, write_tiny_llama
+
+    model = write_tiny_llama(work / "tiny", "tiny")
+    flags = cpu_serve_flags()
+    at = flags.index("--host")  # an isolated engine listens on 0.0.0.0 in its own netns
+    flags = flags[:at] + flags[at + 2 :]
+    snapshots, log = work / "snapshots", work / "create.log"
+    argv = [sys.executable, "-m", "fastboot", "snapshot", "--dir", str(snapshots), "create"]
+    start = time.monotonic()
+    with log.open("wb") as err:
+        done = subprocess.run(
+            [*argv, str(model), *flags], stdout=subprocess.PIPE, stderr=err, timeout=1800
+        )
+    if done.returncode != 0:
+        raise RuntimeError(f"snapshot create failed ({done.returncode}):\n{tail(log)}")
+    return model, snapshots, done.stdout.decode().split()[-1], time.monotonic() - start
+
+
+def start_router(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        router = subprocess.Popen(
+            [sys.executable, "-m", "fastboot", "router", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "FASTBOOT_LOG_LEVEL": "INFO"},
+        )
+    return router
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def first_token(base: str, model: str) -> float:
+    """Seconds from sending a small streaming completion to its first token (read to the end)."""
+    import aiohttp
+
+    first = None
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        start = time.perf_counter()
+        async with http.post(base + "/v1/completions", json={**COLD_BODY, "model": model}) as r:
+            assert r.status == 200, (r.status, await r.text())
+            async for line in r.content:
+                if first is None and line.startswith(b"data: {"):
+                    assert b'"error"' not in line, line
+                    first = time.perf_counter() - start
+    assert first is not None, "the stream had no token"
+    return first
+
+
+def router_metric(url: str, name: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return float("nan")
+
+
+def vllm_bench(base: str, model: Path, served: str, out: Path, args: argparse.Namespace) -> Any:
+    """One `vllm bench serve` run; its result JSON."""
+    vllm = Path(sys.executable).parent / "vllm"
+    argv = [str(vllm), "bench", "serve", "--backend", "vllm", "--base-url", base,
+            "--model", str(model), "--served-model-name", served, "--tokenizer", str(model),
+            "--dataset-name", "random", "--random-input-len", str(args.bench_input_len),
+            "--random-output-len", str(args.bench_output_len), "--ignore-eos",
+            "--num-prompts", str(args.bench_prompts), "--max-concurrency", "4",
+            "--num-warmups", "4", "--seed", "0", "--disable-tqdm", "--save-result",
+            "--result-dir", str(out.parent), "--result-filename", out.name]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    log = out.with_suffix(".log")
+    with log.open("wb") as sink:
+        done = subprocess.run(argv, stdout=sink, stderr=subprocess.STDOUT, env=env, timeout=900)
+    if done.returncode != 0:
+        raise RuntimeError(f"vllm bench serve failed ({done.returncode}):\n{tail(log)}")
+    return json.loads(out.read_text())
+
+
+BENCH_KEYS = ("completed", "failed", "duration", "request_throughput", "output_throughput",
+              "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms",
+              "median_itl_ms")  # fmt: skip
+
+
+def real_agent(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Sections 5 and 6: a real snapshot, agent, replicas and routers; all stopped at the end."""
+    from fastboot import netns
+    from fastboot.serve import free_port
+
+    model, snapshots, snapshot_id, create_s = make_snapshot(work)
+    print(f"snapshot {snapshot_id} created in {create_s:.1f} s", flush=True)
+    agent = RealAgent(work, snapshots)
+    router: subprocess.Popen[bytes] | None = None
+    try:
+        (listed,) = agent.call("GET", "/v1/snapshots")["snapshots"]
+        served = listed["served_model_name"]
+        # One restore first, not measured: the agent's first POST hashes the snapshot's files
+        # (later ones trust its digest cache) and the first restore reads the images from disk.
+        (warm,) = agent.call("POST", "/v1/replicas", {"snapshot": snapshot_id})["replicas"]
+        agent.call("GET", f"/v1/replicas/{warm['id']}?wait=ready&timeout=300")
+        agent.delete_all()
+        port = free_port()
+        config = work / "router.toml"
+        config.write_text(
+            f"[router]\nport = {port}\n\n[models.tiny]\n"
+            f'snapshot = "{snapshot_id}"\nserved_model_name = {json.dumps(served)}\n'
+            "concurrency = 4\nscale_down_delay_s = 3600\n\n"
+            f'[[agents]]\nurl = "{agent.url}"\ntoken = "{agent.token}"\n'
+        )
+        url = f"http://127.0.0.1:{port}"
+        samples = []
+        for index in range(args.real_cold):
+            if router is not None:
+                stop(router)
+            agent.delete_all()  # a fresh router at zero replicas: nothing to adopt
+            router = start_router(config, work / "router.log")
+            wait_http(url + "/health", router)
+            through_router = asyncio.run(first_token(url, "tiny"))
+            (replica,) = agent.live()
+            direct = [asyncio.run(first_token(replica["address"], served)) for _ in range(5)]
+            sample = {
+                "first_token_s": through_router,
+                "replica_ready_s": replica["timings"]["ready_s"],
+                "replica_restore_s": replica["timings"]["restore_s"],
+                "warm_ttft_s": statistics.median(direct),
+                "router_place_s": router_metric(
+                    url, "router_replica_boot_seconds_sum", phase="place"
+                ),
+                "router_boot_total_s": router_metric(
+                    url, "router_replica_boot_seconds_sum", phase="total"
+                ),
+                "router_cold_start_metric_s": router_metric(url, "router_cold_start_seconds_sum"),
+            }
+            sample["router_added_s"] = (
+                through_router - sample["replica_ready_s"] - sample["warm_ttft_s"]
+            )
+            print(f"cold sample {index}: {json.dumps(sample)}", flush=True)
+            samples.append(sample)
+        cold = {
+            "samples": samples,
+            **{
+                f"median_{key}": statistics.median(s[key] for s in samples)
+                for key in ("first_token_s", "replica_ready_s", "warm_ttft_s", "router_added_s")
+            },
+            "max_router_added_s": max(s["router_added_s"] for s in samples),
+        }
+        # The last sample's router and replica serve the load generator.
+        (replica,) = agent.live()
+        runs = {}
+        for name, base in (("direct", replica["address"]), ("router", url)):
+            result = vllm_bench(base, model, served if name == "direct" else "tiny",
+                                work / f"bench-{name}.json", args)  # fmt: skip
+            runs[name] = {key: result.get(key) for key in BENCH_KEYS}
+            print(f"vllm bench serve {name}: {json.dumps(runs[name])}", flush=True)
+        d, v = runs["direct"], runs["router"]
+        runs["difference"] = {
+            "request_throughput_ratio": v["request_throughput"] / d["request_throughput"],
+            "output_throughput_ratio": v["output_throughput"] / d["output_throughput"],
+            "median_ttft_added_ms": v["median_ttft_ms"] - d["median_ttft_ms"],
+            "median_tpot_added_ms": v["median_tpot_ms"] - d["median_tpot_ms"],
+        }
+        runs["settings"] = {
+            "backend": "vllm",
+            "dataset": "random",
+            "input_len": args.bench_input_len,
+            "output_len": args.bench_output_len,
+            "num_prompts": args.bench_prompts,
+            "max_concurrency": 4,
+            "num_warmups": 4,
+            "ignore_eos": True,
+        }
+    finally:
+        if router is not None:
+            stop(router)
+        agent.stop()
+    left = netns.ours(f"fb-{AGENT_NAME}-") + netns.host_links(f"fb{AGENT_NAME}h")
+    if left:
+        raise RuntimeError(f"the agent left {left}; log:\n{tail(agent.log)}")
+    return {
+        "real_agent": {
+            "engine": f"vllm {listed['engine_version']} (CPU), tiny model, one replica",
+            "snapshot_create_s": create_s,
+            "snapshot_bytes": listed["size_bytes"],
+        },
+        "scale_from_zero_real": cold,
+        "vllm_bench_serve": runs,
+    }
+
+
 # --- driver ----------------------------------------------------------------------------------
 
 
@@ -269,7 +560,14 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=5.0, help="throughput run length")
     parser.add_argument("--streams", type=int, default=2000, help="SSE streams held at once")
-    parser.add_argument("--cold", type=int, default=5, help="scale-from-zero samples")
+    parser.add_argument("--cold", type=int, default=5, help="scale-from-zero samples (fake)")
+    parser.add_argument("--real-cold", type=int, default=3, help="scale-from-zero samples (real)")
+    parser.add_argument("--bench-prompts", type=int, default=50, help="vllm bench --num-prompts")
+    parser.add_argument("--bench-input-len", type=int, default=32)
+    parser.add_argument("--bench-output-len", type=int, default=32)
+    parser.add_argument(
+        "--only", choices=["fake", "real"], help="run only the fake-upstream or real-agent part"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "router.json")
     parser.add_argument("--role", choices=["upstream"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -279,6 +577,23 @@ def main() -> int:
         serve_upstream(args.port, args.agent_port)
         return 0
 
+    results: dict[str, Any] = {}
+    if args.only != "real":
+        results.update(fake_upstream(args))
+    if args.only != "fake":
+        with tempfile.TemporaryDirectory(prefix="router-bench-") as tmp:
+            results.update(real_agent(args, Path(tmp)))
+    report(results)
+    merged = json.loads(args.out.read_text()) if args.out.exists() else {}
+    merged.update(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(merged, indent=2) + "\n")
+    print(f"wrote {args.out} (sections {', '.join(results)})")
+    return 0
+
+
+def fake_upstream(args: argparse.Namespace) -> dict[str, Any]:
+    """Sections 1-4: the router before a fast fake engine and a fake agent."""
     from fastboot.serve import free_port
 
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -310,7 +625,7 @@ def main() -> int:
             wait_http(f"http://127.0.0.1:{router_port}/health", router)
             direct = f"http://127.0.0.1:{up_port}/v1/completions"
             routed = f"http://127.0.0.1:{router_port}/v1/completions"
-            results: dict[str, Any] = {
+            return {
                 "upstream": "fast fake engine (fixed small JSON / held SSE), not vLLM",
                 "host": {"cpus": os.cpu_count(), "machine": platform.machine()},
                 "latency": asyncio.run(latency(direct, routed, args.requests)),
@@ -334,14 +649,17 @@ def main() -> int:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-    report(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    return 0
 
 
 def report(r: dict[str, Any]) -> None:
+    """The table of the sections this run measured, each with its baseline and ratio."""
+    if "latency" in r:
+        report_fake(r)
+    if "vllm_bench_serve" in r:
+        report_real(r)
+
+
+def report_fake(r: dict[str, Any]) -> None:
     lat, thr, thd, st = r["latency"], r["throughput"], r["throughput_direct"], r["streams"]
     d, v = lat["direct"], lat["router"]
     print(f"upstream: {r['upstream']}; {r['host']['cpus']} CPUs shared by all three processes")
@@ -376,6 +694,40 @@ def report(r: dict[str, Any]) -> None:
         f"{'<= 0.1 s':>9}"
     )
     print("  (direct column = the fake agent's restore time alone; median of the samples)")
+
+
+def report_real(r: dict[str, Any]) -> None:
+    z, b = r["scale_from_zero_real"], r["vllm_bench_serve"]
+    d, v, diff = b["direct"], b["router"], b["difference"]
+    print(f"\nreal agent: {r['real_agent']['engine']}; same host, {os.cpu_count()} CPUs")
+    print(f"{'metric':34} {'baseline':>10} {'router':>10} {'added':>9} {'ratio':>7} {'target':>9}")
+    base = z["median_replica_ready_s"] + z["median_warm_ttft_s"]
+    first = z["median_first_token_s"]
+    print(
+        f"{'scale from zero: first token s':34} {base:10.3f} {first:10.3f} "
+        f"{z['median_router_added_s']:9.3f} {first / base:7.2f} {'<= 0.1 s':>9}"
+    )
+    print(
+        f"  (baseline = the agent's restore-to-ready {z['median_replica_ready_s']:.3f} s + the "
+        f"warm replica's TTFT {z['median_warm_ttft_s']:.3f} s; median of {len(z['samples'])}; "
+        f"worst added {z['max_router_added_s']:.3f} s)"
+    )
+    for key, label in (
+        ("request_throughput", "vllm bench: requests/s"),
+        ("output_throughput", "vllm bench: output tokens/s"),
+        ("median_ttft_ms", "vllm bench: median TTFT ms"),
+        ("median_tpot_ms", "vllm bench: median TPOT ms"),
+        ("p99_ttft_ms", "vllm bench: p99 TTFT ms"),
+    ):
+        print(
+            f"{label:34} {d[key]:10.2f} {v[key]:10.2f} {v[key] - d[key]:9.2f} "
+            f"{v[key] / d[key]:7.2f}"
+        )
+    print(
+        f"  (baseline = the same replica directly; {b['settings']['num_prompts']} prompts each, "
+        f"failed: direct {d['failed']}, router {v['failed']}; TTFT change "
+        f"{diff['median_ttft_added_ms']:+.2f} ms)"
+    )
 
 
 if __name__ == "__main__":
