@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -124,8 +125,10 @@ def start_agent(
     slots: int = 3,
     prefix: Sequence[str] = (),
     extra: Sequence[str] = (),
+    subnet: str | None = None,
 ) -> Agent:
-    """Start `fastboot agent` (after prefix, e.g. `ip netns exec NS`) and wait until healthy."""
+    """Start `fastboot agent` (after prefix, e.g. `ip netns exec NS`) and wait until healthy.
+    Agents on one host need distinct replica subnets: by default one /24 per agent name."""
     from fastboot.serve import free_port
 
     token = secrets.token_hex(16)
@@ -151,6 +154,9 @@ def start_agent(
         str(state),
         "--slots",
         str(slots),
+        "--subnet",
+        subnet
+        or f"10.{220 + zlib.crc32(name.encode()) % 30}.{zlib.crc32(name.encode()) % 250}.0/24",
         *extra,
     ]
     with log.open("ab") as out:

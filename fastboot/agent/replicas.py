@@ -91,6 +91,8 @@ class Replica:
     restore_s: float | None = None
     ready_s: float | None = None
     tree: EngineTree | None = None
+    released: bool = False
+    """Its namespace, link and cgroup are gone (set last by the clean-up)."""
     log: BinaryIO | None = None
     """The engine's output goes here (state_dir/logs/ID.log)."""
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -189,7 +191,8 @@ class ReplicaManager:
         if count > free:
             raise Conflict(f"{count} replicas asked, {free} of {self.config.slots} slots free")
         await asyncio.to_thread(self._verify, manifest)
-        used = {r.index for r in self.replicas.values() if r.state in LIVE_STATES}
+        # An index is free only once its replica's namespace is gone, not when it died.
+        used = {r.index for r in self.replicas.values() if not r.released}
         indexes = list(itertools.islice((i for i in itertools.count() if i not in used), count))
         started = []
         for index in indexes:
@@ -285,6 +288,7 @@ class ReplicaManager:
         ReplicaCgroup(self.config.name, replica.id).remove()
         if replica.log is not None:
             replica.log.close()
+        replica.released = True
 
     async def _watch(self) -> None:
         while True:
@@ -301,7 +305,7 @@ class ReplicaManager:
                     replica.changed.set()
 
     def _forget_old(self) -> None:
-        finished = [r for r in self.replicas.values() if r.state not in (*LIVE_STATES, "stopping")]
+        finished = [r for r in self.replicas.values() if r.released]
         for replica in finished[:-KEEP_FINISHED]:
             del self.replicas[replica.id]
 
