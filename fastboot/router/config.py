@@ -121,6 +121,19 @@ class TimeoutConfig:
 
 
 @dataclass(frozen=True)
+class BufferSection:
+    """Take agents from a buffer of health-checked idle hosts instead of a fixed list
+    (fastboot.buffer; docs/buffer.md)."""
+
+    #: YAML file with a top-level `hosts:` list (name, address, token or token_file, ...).
+    hosts_file: str = ""
+    #: Host type the models run on (the buffer keeps `target` idle hosts of it).
+    host_type: str = "cpu"
+    #: Idle, checked hosts to keep ready.
+    target: int = 1
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     """The whole router: where it listens, what it serves, which agents it uses."""
 
@@ -152,6 +165,8 @@ class RouterConfig:
     prefix_entries: int = 100_000
     #: Delete the replicas this router placed when it stops (default: leave them to be adopted).
     release_on_exit: bool = False
+    #: Hosts from a buffer (None: the `agents` list as it is).
+    buffer: BufferSection | None = None
 
     def model(self, name: str) -> ModelConfig | None:
         for model in self.models:
@@ -191,7 +206,7 @@ def config_from_dict(
 ) -> RouterConfig:
     """Build a RouterConfig from a parsed document; relative files resolve against `base`."""
     _expect_mapping(document, source)
-    _no_unknown(document, {"router", "models", "agents"}, source)
+    _no_unknown(document, {"router", "models", "agents", "buffer"}, source)
     router = dict(document.get("router") or {})
     _expect_mapping(router, f"{source}: [router]")
     keys = set(router.pop("api_keys", None) or ())
@@ -222,6 +237,7 @@ def config_from_dict(
             **router,
             "models": tuple(models),
             "agents": tuple(agents),
+            "buffer": _buffer_section(document.get("buffer"), base, source),
             "api_keys": frozenset(keys),
             "timeouts": timeouts,
         },
@@ -229,6 +245,19 @@ def config_from_dict(
     )
     validate(config, source)
     return config
+
+
+def _buffer_section(table: Any, base: Path, source: str) -> BufferSection | None:
+    if table is None:
+        return None
+    where = f"{source}: [buffer]"
+    _expect_mapping(table, where)
+    section = _build(BufferSection, table, where)
+    if not section.hosts_file:
+        raise ConfigError(f"{where}: set hosts_file (a YAML file with a `hosts:` list)")
+    if section.target < 0:
+        raise ConfigError(f"{where}: target must be >= 0")
+    return dataclasses.replace(section, hosts_file=str(_resolve(base, section.hosts_file)))
 
 
 def validate(config: RouterConfig, source: str = "config") -> None:

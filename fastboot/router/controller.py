@@ -16,12 +16,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
 from fastboot.errors import AgentError
-from fastboot.router.config import RouterConfig
+from fastboot.router.config import BufferSection, RouterConfig
 from fastboot.router.metrics import RouterMetrics
 from fastboot.router.placement import (
     DEAD,
@@ -36,6 +37,10 @@ from fastboot.router.placement import (
 from fastboot.router.pool import ModelPool
 from fastboot.router.upstream import BOOTING, DRAINING, GONE, UNHEALTHY, Replica, Upstream
 from fastboot.router.upstream import READY as R_READY
+
+if TYPE_CHECKING:
+    from fastboot.buffer.manager import BufferManager
+    from fastboot.buffer.placement import BufferedPlacement
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +65,9 @@ class Controller:
         self.metrics = metrics
         self.clock = clock
         self._session: aiohttp.ClientSession | None = None
-        self.placement = Placement([])
+        self.placement: Placement | BufferedPlacement = Placement([])
+        self._buffer: BufferManager | None = None
+        self._buffered: BufferedPlacement | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
         for pool in pools.values():
@@ -71,10 +78,14 @@ class Controller:
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession()
-        agents = [
-            AgentClient(a, self._session, self.config.timeouts.agent_s) for a in self.config.agents
-        ]
-        self.placement = Placement(agents)
+        if self.config.buffer is not None:
+            self.placement = await self._buffered_placement(self.config.buffer, self._session)
+        else:
+            agents = [
+                AgentClient(a, self._session, self.config.timeouts.agent_s)
+                for a in self.config.agents
+            ]
+            self.placement = Placement(agents)
         self.placement.on_error.append(
             lambda agent, reason: self.metrics.placement_errors.labels(agent, reason).inc()
         )
@@ -84,6 +95,28 @@ class Controller:
             if pool.current() < pool.target:
                 self._scale_up(pool, pool.target - pool.current())
         self._spawn(self._tick_loop())
+
+    async def _buffered_placement(
+        self, section: BufferSection, session: aiohttp.ClientSession
+    ) -> BufferedPlacement:
+        """Agents come from a buffer of checked idle hosts; a host taken is refilled at once."""
+        from fastboot.buffer.health import deep_check, short_check
+        from fastboot.buffer.hosts import StaticProvider
+        from fastboot.buffer.manager import BufferConfig, BufferManager
+        from fastboot.buffer.placement import BufferedPlacement
+
+        provider = StaticProvider.from_file(Path(section.hosts_file))
+        self._buffer = BufferManager(
+            provider,
+            short_check(),
+            deep_check(),
+            BufferConfig(targets={section.host_type: section.target}),
+        )
+        await self._buffer.start()
+        self._buffered = BufferedPlacement(
+            self._buffer, session, section.host_type, self.config.timeouts.agent_s
+        )
+        return self._buffered
 
     async def stop(self) -> None:
         self._stopping = True
@@ -97,6 +130,8 @@ class Controller:
                     await self._delete(replica)
                 if replica.upstream is not None:
                     await replica.upstream.close()
+        if self._buffer is not None:
+            await self._buffer.stop()
         if self._session is not None:
             await self._session.close()
 
@@ -311,6 +346,10 @@ class Controller:
             if exc.status != 404:
                 logger.warning("could not delete replica %s: %s", replica.id, exc)
                 raise
+        finally:
+            # Also when the agent is unreachable: the buffer's recycle check then finds out.
+            if self._buffered is not None:
+                await self._buffered.replica_gone(replica.agent, replica.id)
 
     def _count_states(self, pool: ModelPool) -> None:
         counts = dict.fromkeys((BOOTING, R_READY, DRAINING, UNHEALTHY), 0)

@@ -221,7 +221,16 @@ class FakeAgent:
 
     async def _resources(self, request: web.Request) -> web.Response:
         free = max(0, self.slots - len(self.live()))
-        return web.json_response({"kind": "cpu", "slots": self.slots, "slots_free": free})
+        return web.json_response(
+            {
+                "kind": "cpu",
+                "slots": self.slots,
+                "slots_free": free,
+                "memory_bytes": 8 << 30,
+                "memory_available_bytes": 4 << 30,
+                "gpus": [],
+            }
+        )
 
     async def _list(self, request: web.Request) -> web.Response:
         return web.json_response({"replicas": list(self.replicas.values())})
