@@ -71,12 +71,16 @@ def timed_boot(
     log: Path,
     stop: signal.Signals,
     snapshots: Path | None = None,
+    ready_line: str | None = None,
 ) -> float:
     """Seconds from process start to the first completed request; the process is then stopped.
 
     With snapshots: first wait until a snapshot is published there (a first `fastboot serve`
-    answers from its cold engine while it warms up and dumps)."""
+    answers from its cold engine while it warms up and dumps). With ready_line: also until the
+    log has that line — a restored engine's socket answers as soon as `criu restore` returns,
+    and fastboot's restore is complete only once it has checked the oracle and said so."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "FASTBOOT_LOG_LEVEL": "DEBUG"}
+    offset = log.stat().st_size if log.exists() else 0
     with log.open("ab") as out:
         start = time.monotonic()
         proc = subprocess.Popen(
@@ -88,6 +92,10 @@ def timed_boot(
                     raise RuntimeError("no snapshot was published")
                 time.sleep(0.5)
             first_completion(port, model, proc, 900)
+            while ready_line is not None and ready_line not in log_since(log, offset):
+                if proc.poll() is not None or time.monotonic() - start > 900:
+                    raise RuntimeError(f"no {ready_line!r} in the log")
+                time.sleep(0.005)
             return time.monotonic() - start
         except RuntimeError as exc:
             tail = log.read_text(errors="replace").splitlines()[-30:]
@@ -101,6 +109,12 @@ def timed_boot(
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def log_since(log: Path, offset: int) -> str:
+    with log.open(errors="replace") as f:
+        f.seek(offset)
+        return f.read()
 
 
 def page_cache_read_s(path: Path) -> float:
@@ -192,7 +206,9 @@ def bench_size(size: str, runs: int, work: Path) -> dict[str, object]:
     for i in range(runs):
         baseline.append(timed_boot(plain, port, str(model), log, signal.SIGTERM))
         offset = log.stat().st_size
-        restore.append(timed_boot(fastboot, port, str(model), log, signal.SIGINT))
+        restore.append(
+            timed_boot(fastboot, port, str(model), log, signal.SIGINT, None, "restored snapshot")
+        )
         with log.open(errors="replace") as f:
             f.seek(offset)
             phases.append(restore_phases(f.read()))

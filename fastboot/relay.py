@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import threading
 
 from fastboot.errors import UsageError
@@ -41,6 +42,7 @@ class Relay:
         self.target = (target_host, target_port)
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
+        self._sock: socket.socket | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, name="relay", daemon=True)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -52,23 +54,41 @@ class Relay:
             return
         await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
 
-    def start(self) -> None:
-        """Bind now (a busy port is a UsageError here, not later) and serve on a thread."""
+    def bind(self) -> None:
+        """Take the port now (a busy port is a UsageError here, before any boot). Connections
+        wait in the kernel's backlog until start(): nothing reaches an engine that has not
+        passed its checks."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            self._server = self._loop.run_until_complete(
-                asyncio.start_server(self._handle, self.host, self.port, reuse_address=True)
-            )
+            sock.bind((self.host, self.port))
+            sock.listen(1024)
         except OSError as exc:
-            self._loop.close()
+            sock.close()
             raise UsageError(
                 f"port {self.port} on {self.host} is busy ({exc.strerror}); "
                 "stop what listens there or pass another --port"
             ) from exc
+        sock.setblocking(False)
+        self._sock = sock
+
+    def start(self) -> None:
+        """Accept and forward connections (bind() first), on a thread."""
+        if self._sock is None:
+            self.bind()
+        self._server = self._loop.run_until_complete(
+            asyncio.start_server(self._handle, sock=self._sock)
+        )
         self._thread.start()
         logger.debug("relay %s:%d -> %s:%d", self.host, self.port, *self.target)
 
     def stop(self) -> None:
         if self._server is None:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+            self._loop.close()
             return
         server = self._server
 

@@ -83,8 +83,9 @@ def serve_isolated(config: ServeConfig) -> int:
     relay = Relay(config.host or "0.0.0.0", config.port or 8000, link.ip, INNER_PORT)
     with _captured_signals(), tempfile.TemporaryDirectory(prefix="fastboot-run-") as run_dir:
         try:
-            relay.start()  # binds now: a busy port fails before any boot
+            relay.bind()  # a busy port fails before any boot
             tree = _boot(config.snapshot, config.refresh, inner, link, Path(run_dir))
+            relay.start()  # only a checked engine (oracle matched) gets traffic
             logger.info(
                 "serving on %s:%d (engine at %s:%d)",
                 relay.host,
