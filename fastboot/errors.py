@@ -10,11 +10,14 @@
     │   └── NoHostAvailableError  no healthy host could be assigned in time
     ├── CriuError                 a CRIU command failed (operation, log path, CRIU's own words)
     ├── AgentError                a per-host agent refused or failed a request (router -> agent)
-    └── ImageFSError              an image store, index, mount or remote problem (fastboot image)
-        ├── ImageNotFoundError    no image of that name in the store (or on the remote)
-        ├── ImageCorruptError     a malformed or truncated index, or bytes that fail their digest
-        ├── MountError            a mountpoint that is busy or missing, a daemon that did not start
-        └── RemoteError           the remote store did not answer, or answered wrongly
+    ├── ImageFSError              an image store, index, mount or remote problem (fastboot image)
+    │   ├── ImageNotFoundError    no image of that name in the store (or on the remote)
+    │   ├── ImageCorruptError     a malformed or truncated index, or bytes that fail their digest
+    │   ├── MountError            a mountpoint that is busy or missing, a daemon that did not start
+    │   └── RemoteError           the remote store did not answer, or answered wrongly
+    └── GpuError                  a CUDA checkpoint step failed (pid, step, the driver's code)
+        ├── SnapshotAbandonedError  lock/checkpoint failed before the dump; the engine runs on
+        └── GpuRestoreError       a restored process did not get its GPU state back: cold boot
 
 Foreign exceptions (OSError, subprocess errors) are translated into these at exactly one
 boundary, with `raise ... from exc`, so callers handle one tree.
@@ -105,3 +108,27 @@ class IllegalTransitionError(HostError):
 
 class NoHostAvailableError(HostError):
     """No healthy host of the requested type could be assigned before the deadline."""
+
+
+class GpuError(FastbootError):
+    """A CUDA checkpoint step (lock, checkpoint, restore, unlock, state) failed for a process.
+
+    `pid` and `step` say where; `code` is the driver's CUresult name (or the unexpected state),
+    so the message can be acted on without a debugger.
+    """
+
+    def __init__(
+        self, message: str, pid: int | None = None, step: str = "", code: str = ""
+    ) -> None:
+        self.pid = pid
+        self.step = step
+        self.code = code
+        super().__init__(message)
+
+
+class SnapshotAbandonedError(GpuError):
+    """Lock or checkpoint failed before the dump; all was unlocked again, the engine runs on."""
+
+
+class GpuRestoreError(GpuError):
+    """A restored process did not get its GPU state back; kill the tree and boot cold."""

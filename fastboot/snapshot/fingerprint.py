@@ -3,8 +3,11 @@
 A CRIU image holds code that already chose its CPU instructions (torch picks AVX-512/AMX kernels
 at import), libraries mapped from this host's files, and the kernel's vDSO. Restoring it where
 any of those differ gives wrong answers or crashes, so a snapshot records the fingerprint of the
-host that made it and is only restored where `incompatibility()` finds nothing. GPU fields join
-with the GPU path.
+host that made it and is only restored where `incompatibility()` finds nothing.
+
+The GPU fields (`current(..., gpu=True)`, from `fastboot.gpu.info`) default to "no GPU", so
+manifests written before they existed still load, and a snapshot without them is never refused
+for a GPU reason.
 """
 
 from __future__ import annotations
@@ -33,15 +36,31 @@ class Fingerprint:
     """Python version of the engine."""
     engine: str
     """Engine name and version, e.g. "vllm 0.32.0+cpu"."""
+    gpu_model: str = ""
+    """NVML name of the GPUs ("" without a GPU, or for a CPU engine)."""
+    gpu_count: int = 0
+    """Visible GPUs (0: the snapshot holds no device state)."""
+    gpu_memory_mib: int = 0
+    """Total memory of the first GPU."""
+    gpu_driver: str = ""
+    """NVIDIA driver version, e.g. "580.65.06"."""
+    gpu_cuda: str = ""
+    """CUDA version the driver supports, e.g. "13.0"."""
+    gpu_uuids: tuple[str, ...] = ()
+    """UUIDs of the GPUs, in index order (the old side of a restore's UUID remap)."""
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["cpu_flags"] = list(self.cpu_flags)
+        data["gpu_uuids"] = list(self.gpu_uuids)
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Fingerprint:
-        return cls(**{**data, "cpu_flags": tuple(data["cpu_flags"])})
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known["cpu_flags"] = tuple(data["cpu_flags"])
+        known["gpu_uuids"] = tuple(data.get("gpu_uuids", ()))
+        return cls(**known)
 
 
 def _cpuinfo() -> tuple[str, tuple[str, ...]]:
@@ -60,8 +79,9 @@ def _cpuinfo() -> tuple[str, tuple[str, ...]]:
     return model, tuple(sorted(set(flags.split())))
 
 
-def current(engine: str) -> Fingerprint:
-    """This host's fingerprint for an engine described as "NAME VERSION"."""
+def current(engine: str, gpu: bool = False) -> Fingerprint:
+    """This host's fingerprint for an engine described as "NAME VERSION"; with gpu, also its
+    GPUs (for an engine that runs on CUDA)."""
     model, flags = _cpuinfo()
     glibc = os.confstr("CS_GNU_LIBC_VERSION") or "unknown"
     return Fingerprint(
@@ -72,7 +92,18 @@ def current(engine: str) -> Fingerprint:
         glibc=glibc,
         python=platform.python_version(),
         engine=engine,
+        **_gpu_fields(gpu),
     )
+
+
+def _gpu_fields(wanted: bool) -> dict[str, Any]:
+    if not wanted:
+        return {}
+    from fastboot.gpu.info import gpu_fields
+
+    fields = gpu_fields()
+    fields["gpu_uuids"] = tuple(fields.get("gpu_uuids", ()))
+    return fields
 
 
 def incompatibility(snapshot: Fingerprint, host: Fingerprint) -> str | None:
@@ -85,4 +116,21 @@ def incompatibility(snapshot: Fingerprint, host: Fingerprint) -> str | None:
         theirs, ours = getattr(snapshot, field), getattr(host, field)
         if theirs != ours:
             return f"{field} differs: snapshot {theirs}, host {ours}"
+    return _gpu_incompatibility(snapshot, host)
+
+
+def _gpu_incompatibility(snapshot: Fingerprint, host: Fingerprint) -> str | None:
+    """Device state restores only onto the same GPU model and count under the same driver
+    major (the checkpoint format is the driver's); memory size follows from the model."""
+    if snapshot.gpu_count == 0:
+        return None
+    if host.gpu_count != snapshot.gpu_count:
+        return f"GPU count differs: snapshot {snapshot.gpu_count}, host {host.gpu_count}"
+    if host.gpu_model != snapshot.gpu_model:
+        return f"GPU model differs: snapshot {snapshot.gpu_model}, host {host.gpu_model}"
+    theirs, ours = snapshot.gpu_driver.split(".")[0], host.gpu_driver.split(".")[0]
+    if theirs != ours:
+        return (
+            f"NVIDIA driver major differs: snapshot {snapshot.gpu_driver}, host {host.gpu_driver}"
+        )
     return None
