@@ -1,0 +1,146 @@
+"""SGLang as fastboot launches it: `fastboot serve MODEL --engine sglang [vllm-style flags]`.
+
+Users write the command line they would give `vllm serve`; fastboot runs
+`python -m sglang.launch_server --model-path MODEL ...` with the flags translated through
+`FLAGS` (value flags) and `SWITCHES` (flags without a value). A flag fastboot does not know is
+passed on verbatim, with a warning, so SGLang's own flags (`--attention-backend`, ...) work too.
+
+Where the two engines' defaults differ in a way a drop-in would notice, vLLM's are applied:
+port 8000 (SGLang: 30000) and host 0.0.0.0 (SGLang: 127.0.0.1), unless the command line says.
+
+Readiness is the same as vLLM's: /health answers and /v1/models lists the model. Nothing here
+has run against a real SGLang (it is not installed on the CPU machines; see docs/gpu.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fastboot.engines import vllm
+from fastboot.errors import DependencyError, UsageError
+
+logger = logging.getLogger(__name__)
+
+NAME = "sglang"
+INSTALL_HINT = "pip install 'fastboot[sglang]'"
+
+#: vLLM flag -> SGLang flag, for flags that take a value.
+FLAGS: dict[str, str] = {
+    "--model": "--model-path",
+    "--tokenizer": "--tokenizer-path",
+    "--host": "--host",
+    "--port": "--port",
+    "--max-model-len": "--context-length",
+    "--tensor-parallel-size": "--tp-size",
+    "-tp": "--tp-size",
+    "--pipeline-parallel-size": "--pp-size",
+    "-pp": "--pp-size",
+    "--data-parallel-size": "--dp-size",
+    "-dp": "--dp-size",
+    "--gpu-memory-utilization": "--mem-fraction-static",
+    "--max-num-seqs": "--max-running-requests",
+    "--served-model-name": "--served-model-name",
+    "--dtype": "--dtype",
+    "--kv-cache-dtype": "--kv-cache-dtype",
+    "--quantization": "--quantization",
+    "-q": "--quantization",
+    "--seed": "--random-seed",
+    "--revision": "--revision",
+    "--tokenizer-mode": "--tokenizer-mode",
+    "--download-dir": "--download-dir",
+    "--load-format": "--load-format",
+    "--chat-template": "--chat-template",
+    "--api-key": "--api-key",
+    "--max-num-batched-tokens": "--chunked-prefill-size",
+}
+
+#: vLLM switch -> SGLang switch ("" drops it: SGLang already behaves that way).
+SWITCHES: dict[str, str] = {
+    "--trust-remote-code": "--trust-remote-code",
+    "--enforce-eager": "--disable-cuda-graph",
+    "--enable-prefix-caching": "",  # SGLang's radix cache is on by default
+    "--no-enable-prefix-caching": "--disable-radix-cache",
+    "--enable-sleep-mode": "--enable-memory-saver",
+}
+
+#: Translations whose meaning is close but not equal; each gets a warning when used.
+APPROXIMATE = {
+    "--gpu-memory-utilization": "SGLang's --mem-fraction-static counts weights and KV cache only",
+    "--max-num-batched-tokens": "SGLang's --chunked-prefill-size bounds one prefill chunk",
+}
+
+DEFAULTS = (("--port", "8000"), ("--host", "0.0.0.0"))
+
+
+@dataclass(frozen=True)
+class Translation:
+    """An SGLang argv and what the translation wants the user to know."""
+
+    argv: list[str]
+    """Arguments for `python -m sglang.launch_server`."""
+    warnings: list[str] = field(default_factory=list)
+    """One sentence per flag passed on unknown or translated approximately."""
+
+
+def translate(model: str, engine_argv: list[str]) -> Translation:
+    """SGLang arguments for `vllm serve MODEL engine_argv...`, order kept."""
+    if not model or model.startswith("-"):
+        raise UsageError("the model comes first: fastboot serve MODEL --engine sglang [flags]")
+    out = ["--model-path", model]
+    warnings: list[str] = []
+    seen: set[str] = set()
+    args = iter(engine_argv)
+    for arg in args:
+        name, eq, value = arg.partition("=")
+        if name in FLAGS:
+            if not eq:
+                value = next(args, "")
+                if not value:
+                    raise UsageError(f"{name} needs a value")
+            if name in ("--model",):
+                raise UsageError(f"give the model once, first (not {name} {value})")
+            target = FLAGS[name]
+            seen.add(target)
+            out += [target, value]
+            if note := APPROXIMATE.get(name):
+                warnings.append(f"{name} became {target}: {note}")
+        elif name in SWITCHES and not eq:
+            if SWITCHES[name]:
+                out.append(SWITCHES[name])
+        else:
+            if arg.startswith("-"):
+                warnings.append(f"{name} is not a flag fastboot translates; passed to SGLang as is")
+            out.append(arg)
+    for flag, default in DEFAULTS:
+        if flag not in seen:
+            out += [flag, default]
+    return Translation(out, warnings)
+
+
+def command(model: str, engine_argv: list[str]) -> list[str]:
+    """`python -m sglang.launch_server ...` with this interpreter; logs each warning once."""
+    translation = translate(model, engine_argv)
+    for warning in translation.warnings:
+        logger.warning("sglang: %s", warning)
+    return [sys.executable, "-m", "sglang.launch_server", *translation.argv]
+
+
+def version() -> str:
+    """The installed SGLang's version; DependencyError with the install hint if none."""
+    import importlib.metadata as md
+
+    try:
+        return md.version("sglang")
+    except md.PackageNotFoundError as exc:
+        raise DependencyError(f"SGLang is not installed: {INSTALL_HINT}") from exc
+
+
+def wait_ready(url: str, deadline_s: float, alive: Callable[[], bool]) -> str:
+    """Poll /health then /v1/models (SGLang serves both, as vLLM does); the served model name."""
+    return vllm.wait_ready(url, deadline_s, alive)
+
+
+base_url = vllm.base_url
