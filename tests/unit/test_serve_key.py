@@ -46,3 +46,25 @@ def test_busy_port_is_a_usage_error() -> None:
         with pytest.raises(UsageError, match=f"port {port} on 127.0.0.1 is busy"):
             check_port_free("127.0.0.1", port)
     check_port_free("127.0.0.1", port)  # free again
+
+
+def test_weights_image_gives_the_engine_the_mountpoint_and_keeps_the_served_name() -> None:
+    from fastboot.serve import _from_image
+
+    config = ServeConfig(model="tiny", engine_argv=["--port", "8000"])
+    identity = {"path": "/m/abc", "image_index": "abc"}
+    engine = _from_image(config, Path("/m/abc"), identity)
+    assert engine.model == "/m/abc" and engine.model_identity == identity
+    assert engine.engine_argv == ["--port", "8000", "--served-model-name", "tiny"]
+    named = ServeConfig(model="tiny", engine_argv=["--served_model_name=x"])
+    assert _from_image(named, Path("/m/abc"), identity).engine_argv == ["--served_model_name=x"]
+    with pytest.raises(UsageError, match="give MODEL first"):
+        _from_image(ServeConfig(model="t", engine_argv=["--model", "x"]), Path("/m"), identity)
+
+
+def test_isolated_serve_strips_only_the_listen_flags() -> None:
+    from fastboot.serve_isolated import strip_listen_flags
+
+    argv = ["--host", "127.0.0.1", "--port=9000", "--max-model-len", "512", "--port", "1"]
+    assert strip_listen_flags(argv) == ["--max-model-len", "512"]
+    assert strip_listen_flags(["--hostname-like", "x"]) == ["--hostname-like", "x"]
