@@ -39,6 +39,7 @@ from fastboot.snapshot.create import (
     check_oracle,
     check_plugin,
     engine_env,
+    gpu_after_restore,
     key_id,
     take,
 )
@@ -306,6 +307,11 @@ def _restore(criu: criu_mod.Criu, path: Path, manifest: Manifest, workdir: Path)
             shm.remove([n for n in placed if n.startswith("link_remap.")])
     tree = EngineTree.adopt_restored(pid, read_fd, manifest.stdio_pipe, stdout_sink())
     tree.shm_names = {n for n in placed if not n.startswith("link_remap.")}
+    try:
+        gpu_after_restore(tree)
+    except FastbootError:
+        tree.stop()
+        raise
     return tree
 
 

@@ -14,6 +14,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -133,11 +134,12 @@ def take(
 
 
 def _dump(criu: criu_mod.Criu, tree: EngineTree, partial: Path, run_dir: Path) -> float:
-    """Dump the tree into partial and save the /dev/shm files it needs; returns seconds."""
+    """Dump the tree into partial and save the /dev/shm files it needs; returns seconds.
+    Processes holding CUDA contexts are locked and checkpointed first (fastboot.gpu.cycle)."""
     workdir = attempt_dir(run_dir, "dump")
     if tree.isolated:
         start = time.monotonic()
-        isolation.dump(criu, tree.root_pid, partial / "images", workdir)
+        with_gpu(tree, lambda: isolation.dump(criu, tree.root_pid, partial / "images", workdir))
         dump_s = time.monotonic() - start
         tree.after_dump()
         return dump_s
@@ -145,7 +147,7 @@ def _dump(criu: criu_mod.Criu, tree: EngineTree, partial: Path, run_dir: Path) -
         shm_before = shm.listing()
         shm_names = shm.referenced(tree_pids(tree.root_pid))
         start = time.monotonic()
-        criu_mod.dump(criu, tree.root_pid, partial / "images", workdir)
+        with_gpu(tree, lambda: criu_mod.dump(criu, tree.root_pid, partial / "images", workdir))
         dump_s = time.monotonic() - start
         remaps = {n for n in shm.listing() - shm_before if n.startswith("link_remap.")}
         shm.save(shm_names | remaps, partial / "shm")
@@ -153,6 +155,32 @@ def _dump(criu: criu_mod.Criu, tree: EngineTree, partial: Path, run_dir: Path) -
         # Saved: the dead tree's /dev/shm files can go (a restore writes them back).
         tree.after_dump()
     return dump_s
+
+
+def with_gpu(tree: EngineTree, dump: Callable[[], None]) -> None:
+    """dump(), with the tree's CUDA processes checkpointed around it (none on CPU engines)."""
+    from fastboot.gpu.checkpoint import cuda_pids
+
+    pids = cuda_pids(tree_pids(tree.root_pid))
+    if not pids:
+        dump()
+        return
+    from fastboot.gpu.checkpoint import CudaCheckpointer
+    from fastboot.gpu.cycle import dump_with_gpu
+
+    dump_with_gpu(pids, dump, CudaCheckpointer())
+
+
+def gpu_after_restore(tree: EngineTree) -> None:
+    """Restore and unlock the CUDA state of a restored tree's processes (none on CPU engines).
+    Raises GpuRestoreError: the caller stops the tree and boots cold."""
+    from fastboot.gpu.checkpoint import cuda_pids
+
+    if pids := cuda_pids(tree_pids(tree.root_pid)):
+        from fastboot.gpu.checkpoint import CudaCheckpointer
+        from fastboot.gpu.cycle import after_restore
+
+        after_restore(pids, CudaCheckpointer())
 
 
 def restore_isolated(
@@ -181,9 +209,15 @@ def restore_isolated(
         raise
     finally:
         os.close(write_fd)
-    return EngineTree.adopt_restored(
+    tree = EngineTree.adopt_restored(
         pid, read_fd, manifest.stdio_pipe, sink or stdout_sink(), isolated=True
     )
+    try:
+        gpu_after_restore(tree)
+    except FastbootError:
+        tree.stop()
+        raise
+    return tree
 
 
 def check_oracle(url: str, model: str, manifest: Manifest) -> None:
