@@ -21,6 +21,7 @@ import signal
 import socket
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -80,6 +81,9 @@ class ServeConfig:
     isolated: bool = False
     """Serve as one replica: the engine in its own network, mount and pid namespaces with the
     snapshot agents restore, published on host/port by a relay (fastboot.serve_isolated)."""
+    rpc_dir: Path | None = None
+    """Where the engine binds its ZMQ ipc:// sockets (VLLM_RPC_BASE_PATH; vLLM's default is
+    /tmp, where every run left files behind). Set by serve(); see rpc_dir()."""
     model_identity: dict[str, Any] | None = None
     """How the snapshot key names the model when it is not hashed from its files (an image:
     its index digest and mountpoint). Set by serve() for weights_image."""
@@ -173,6 +177,7 @@ def serve(config: ServeConfig) -> int:
 
         return serve_isolated(config)
     check_port_free(config.host, config.port)
+    config = replace(config, rpc_dir=rpc_dir(config))
     hooks.load(config.hooks)  # a bad --fastboot-hooks fails now, not after a cold boot
     become_subreaper()
     engine_version = vllm.version()
@@ -196,8 +201,27 @@ def serve(config: ServeConfig) -> int:
             # every tree this run started; a second Ctrl-C must not cut that short.
             with _captured_signals(_already_stopping):
                 stop_all()
+                if config.rpc_dir is not None:
+                    shutil.rmtree(config.rpc_dir, ignore_errors=True)
                 if weights is not None:
                     weights.release()  # after the engines: they may have files open there
+
+
+def rpc_dir(config: ServeConfig) -> Path:
+    """The engine's socket directory: one per listening address, which one engine at a time
+    holds, so the path is the same when a snapshot taken there is restored (CRIU re-binds the
+    sockets where they were); it is emptied before every boot and removed at exit. Short, under
+    /run: a unix socket path has at most 107 bytes, and vLLM appends a 36-character uuid."""
+    base = Path("/run/fastboot") if os.access("/run", os.W_OK) else Path("/tmp")
+    host = zlib.crc32((config.host or "0.0.0.0").encode()) % 100000
+    return base / f"rpc-{config.port or 8000}-{host}"
+
+
+def _fresh_dir(path: Path | None) -> None:
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.mkdir(mode=0o700)
 
 
 def _from_image(config: ServeConfig, mountpoint: Path, identity: dict[str, Any]) -> ServeConfig:
@@ -262,6 +286,7 @@ def _try_restore(
             return None
         criu = criu_mod.find_criu()
         step = time.monotonic()
+        _fresh_dir(config.rpc_dir)  # the sockets are re-bound here, as they were at the dump
         tree = _restore(criu, store.path(snapshot_id), manifest, attempt_dir(run_dir, "restore"))
         logger.debug("criu restore took %.3f s", time.monotonic() - step)
     except (FastbootError, OSError) as exc:
@@ -319,7 +344,11 @@ def _cold_boot(config: ServeConfig, run_dir: Path) -> tuple[EngineTree, float, s
     """A ready cold-booted engine, the seconds it took, and the model name it serves."""
     start = time.monotonic()
     argv = vllm.command(config.model, config.engine_argv)
-    tree = EngineTree.spawn(argv, engine_env(run_dir), stdout_sink())
+    env = engine_env(run_dir)
+    if config.rpc_dir is not None:
+        _fresh_dir(config.rpc_dir)
+        env["VLLM_RPC_BASE_PATH"] = str(config.rpc_dir)
+    tree = EngineTree.spawn(argv, env, stdout_sink())
     try:
         model = vllm.wait_ready(config.url, config.ready_timeout_s, tree.alive)
     except vllm.EngineError as exc:
