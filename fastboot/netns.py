@@ -97,11 +97,8 @@ def create(netns: str, host_if: str, subnet: str, index: int) -> Link:
 def delete(link: Link) -> None:
     """Remove the namespace and its link (idempotent). Deleting the namespace destroys the
     veth pair with it, even while a process still holds the namespace open."""
-    _ip("link", "del", link.host_if, check=False)
-    if link.path.exists():
-        _ip("netns", "del", link.netns, check=False)
-    with contextlib.suppress(FileNotFoundError):
-        link.path.unlink()  # a bind-mount point left by a failed `ip netns add`
+    delete_interface(link.host_if)
+    delete_netns(link.netns)
 
 
 def ours(prefix: str) -> list[str]:
@@ -129,6 +126,7 @@ def delete_interface(name: str) -> None:
 
 
 def delete_netns(name: str) -> None:
-    _ip("netns", "del", name, check=False)
+    if (NETNS_DIR / name).exists():
+        _ip("netns", "del", name, check=False)
     with contextlib.suppress(FileNotFoundError):
-        (NETNS_DIR / name).unlink()
+        (NETNS_DIR / name).unlink()  # a bind-mount point left by a failed `ip netns add`

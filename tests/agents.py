@@ -136,6 +136,7 @@ def start_agent(
     state.parent.mkdir(parents=True, exist_ok=True)
     token_file.write_text(token)
     port = port or free_port()
+    tag = zlib.crc32(name.encode())
     argv = [
         *prefix,
         sys.executable,
@@ -155,8 +156,7 @@ def start_agent(
         "--slots",
         str(slots),
         "--subnet",
-        subnet
-        or f"10.{220 + zlib.crc32(name.encode()) % 30}.{zlib.crc32(name.encode()) % 250}.0/24",
+        subnet or f"10.{220 + tag % 30}.{tag % 250}.0/24",
         *extra,
     ]
     with log.open("ab") as out:

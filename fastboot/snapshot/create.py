@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from fastboot import netns
+from fastboot import __version__, envs, netns
 from fastboot.engines import hooks, vllm
 from fastboot.errors import FastbootError
 from fastboot.snapshot import criu as criu_mod
@@ -37,8 +37,6 @@ SNAPSHOT_SUBNET = "10.212.0.0/16"
 
 
 def engine_env(run_dir: Path) -> dict[str, str]:
-    from fastboot import envs
-
     env = dict(os.environ)
     env[envs.ENGINE_CHILD] = "1"
     env[envs.PLUGIN_REPORT] = str(run_dir / "plugin-report")
@@ -257,7 +255,7 @@ def isolated_target(config: CreateConfig, digests: DigestCache) -> Target:
         "engine_version": engine_version,
         "argv": argv,
         "model": model_identity(config.model, digests),
-        "fastboot": _fastboot_version(),
+        "fastboot": __version__,
         "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("VLLM_")},
         "layout": "isolated",
     }
@@ -345,9 +343,3 @@ def create_isolated(config: CreateConfig) -> Manifest:
             netns.delete(link)
             if probe is not None:
                 netns.delete(probe)
-
-
-def _fastboot_version() -> str:
-    from fastboot import __version__
-
-    return __version__
