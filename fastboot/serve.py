@@ -87,6 +87,14 @@ class ServeConfig:
     model_identity: dict[str, Any] | None = None
     """How the snapshot key names the model when it is not hashed from its files (an image:
     its index digest and mountpoint). Set by serve() for weights_image."""
+    env_image: str | None = None
+    """Image of a Python virtual environment with vLLM to run the engine from: mounted
+    read-only at a stable path, the engine run by its interpreter (see _env_from_image)."""
+    engine_python: Path | None = None
+    """The interpreter that runs the engine (None: the `vllm` beside fastboot). Set by serve()
+    for env_image."""
+    environment: dict[str, Any] | None = None
+    """The env image in the snapshot key (index digest and mountpoint). Set by serve()."""
 
     @property
     def store(self) -> Store:
@@ -145,6 +153,8 @@ def snapshot_key(
         "fastboot": __version__,
         "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("VLLM_")},
     }
+    if config.environment is not None:  # only then: keys of snapshots without one stay as they were
+        key["environment"] = config.environment
     return key_id(key), key
 
 
@@ -171,8 +181,9 @@ def check_port_free(host: str | None, port: int | None) -> None:
 def serve(config: ServeConfig) -> int:
     """Run the engine until it exits or SIGINT/SIGTERM arrives; returns the exit code."""
     if config.isolated:
-        if config.weights_image:
-            raise UsageError("--fastboot-isolated does not take --fastboot-weights-image yet")
+        for flag, value in (("weights", config.weights_image), ("env", config.env_image)):
+            if value:
+                raise UsageError(f"--fastboot-isolated does not take --fastboot-{flag}-image yet")
         from fastboot.serve_isolated import serve_isolated
 
         return serve_isolated(config)
@@ -180,15 +191,18 @@ def serve(config: ServeConfig) -> int:
     config = replace(config, rpc_dir=rpc_dir(config))
     hooks.load(config.hooks)  # a bad --fastboot-hooks fails now, not after a cold boot
     become_subreaper()
-    engine_version = vllm.version()
-    weights = None
+    mounts: list[Any] = []  # SharedMounts acquired, released after the engines stopped
     with _captured_signals(), tempfile.TemporaryDirectory(prefix="fastboot-run-") as run_dir:
         try:
-            if config.weights_image:
+            if config.env_image or config.weights_image:
                 from fastboot.imagefs.shared import SharedMount
-
-                weights = SharedMount(config.weights_image)
+            if config.env_image:
+                mounts.append(env := SharedMount(config.env_image))
+                config = _env_from_image(config, env.acquire(), env.identity)
+            if config.weights_image:
+                mounts.append(weights := SharedMount(config.weights_image))
                 config = _from_image(config, weights.acquire(), weights.identity)
+            engine_version = vllm.version(_site_packages(config.engine_python))
             tree = _boot(config, engine_version, Path(run_dir))
             code = tree.wait()
             logger.info("engine exited with %s", code)
@@ -203,8 +217,8 @@ def serve(config: ServeConfig) -> int:
                 stop_all()
                 if config.rpc_dir is not None:
                     shutil.rmtree(config.rpc_dir, ignore_errors=True)
-                if weights is not None:
-                    weights.release()  # after the engines: they may have files open there
+                for mount in reversed(mounts):
+                    mount.release()  # after the engines: they have files open there
 
 
 def rpc_dir(config: ServeConfig) -> Path:
@@ -236,6 +250,28 @@ def _from_image(config: ServeConfig, mountpoint: Path, identity: dict[str, Any])
     if not any(a.replace("_", "-").split("=")[0] == "--served-model-name" for a in argv):
         argv += ["--served-model-name", config.model]
     return replace(config, model=str(mountpoint), engine_argv=argv, model_identity=identity)
+
+
+def _env_from_image(config: ServeConfig, mountpoint: Path, identity: dict[str, Any]) -> ServeConfig:
+    """The engine is run as `MOUNT/bin/python -m vllm...`: a virtual environment's interpreter
+    finds its site-packages through MOUNT/pyvenv.cfg wherever the environment is, while the
+    #! lines of its scripts still name the directory it was built from (so no script is run).
+    The stable mountpoint keeps the paths of mapped libraries the same at restore."""
+    python = mountpoint / "bin" / "python"
+    if not (mountpoint / "pyvenv.cfg").is_file() or not os.path.exists(python):
+        raise UsageError(
+            f"image {config.env_image!r} is not a virtual environment (no pyvenv.cfg and "
+            "bin/python at its top): build it from one, "
+            "e.g. `fastboot image build .venv --name env`"
+        )
+    return replace(config, engine_python=python, environment=identity)
+
+
+def _site_packages(python: Path | None) -> list[str] | None:
+    """The site-packages directories of the environment whose interpreter is python."""
+    if python is None:
+        return None
+    return [str(p) for p in sorted(python.parent.parent.glob("lib/python3*/site-packages"))]
 
 
 def _boot(config: ServeConfig, engine_version: str, run_dir: Path) -> EngineTree:
@@ -343,8 +379,12 @@ def _restore(criu: criu_mod.Criu, path: Path, manifest: Manifest, workdir: Path)
 def _cold_boot(config: ServeConfig, run_dir: Path) -> tuple[EngineTree, float, str]:
     """A ready cold-booted engine, the seconds it took, and the model name it serves."""
     start = time.monotonic()
-    argv = vllm.command(config.model, config.engine_argv)
+    argv = vllm.command(config.model, config.engine_argv, config.engine_python)
     env = engine_env(run_dir)
+    if config.engine_python is not None:
+        # What `activate` would set: tools the engine runs by name come from its environment.
+        env["VIRTUAL_ENV"] = str(config.engine_python.parent.parent)
+        env["PATH"] = f"{config.engine_python.parent}{os.pathsep}{env.get('PATH', '')}"
     if config.rpc_dir is not None:
         _fresh_dir(config.rpc_dir)
         env["VLLM_RPC_BASE_PATH"] = str(config.rpc_dir)

@@ -20,6 +20,13 @@ FLAGS = [
         "--host/--port; its snapshot is the one `fastboot snapshot create` and agents use",
     ),
     FlagSpec(
+        "env-image",
+        "run the engine from this image of a Python virtual environment with vLLM "
+        "(`fastboot image build .venv --name NAME`), mounted read-only at "
+        "$FASTBOOT_HOME/mounts/<image id>",
+        True,
+    ),
+    FlagSpec(
         "weights-image",
         "take the model from this image (`fastboot image build`), mounted read-only at "
         "$FASTBOOT_HOME/mounts/<image id>; MODEL is then the name clients use",
@@ -57,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         refresh=bool(split.fastboot.get("refresh")),
         hooks=str(split.fastboot["hooks"]) if "hooks" in split.fastboot else None,
         isolated=bool(split.fastboot.get("isolated")),
+        env_image=str(split.fastboot["env-image"]) if "env-image" in split.fastboot else None,
         weights_image=(
             str(split.fastboot["weights-image"]) if "weights-image" in split.fastboot else None
         ),

