@@ -6,6 +6,14 @@ and the first restored copy deletes them on exit, so a second restore found noth
 ("Can't open file dev/shm/psm_..."). The files the tree has open or mapped, plus the
 link_remap.* files CRIU itself leaves for unlinked-but-mapped semaphores, are copied into the
 snapshot after the dump and written back (by rename, never over a live inode) before each restore.
+
+Named semaphores are mapped under a name they no longer have: glibc creates one as a temporary
+sem.XXXXXX, maps it, links it to its real name (sem.mp-...) and unlinks the temporary, so the
+maps say "/dev/shm/sem.XXXXXX (deleted)" while the semaphore lives on as sem.mp-.... CRIU
+remaps it (link_remap.N, the same inode) and multiprocessing unlinks the real name when the
+engine exits. So a file counts under every name its inode still has, and names of one inode
+are saved and put back as hard links: a restored engine finds its semaphore under its real
+name (no FileNotFoundError traceback from `sem_unlink` at exit), the same semaphore it maps.
 """
 
 from __future__ import annotations
@@ -25,21 +33,30 @@ ENGINE_PREFIXES = ("psm_", "sem.mp-")
 
 
 def referenced(pids: list[int]) -> set[str]:
-    """Names of /dev/shm files the processes have open or mapped (deleted ones excluded)."""
-    names = set()
+    """Names in /dev/shm of the files the processes have open or mapped, under whatever name
+    they were opened (see the module docstring: a semaphore's mapping names a deleted one)."""
+    files = set()  # (device, inode): a replica's private /dev/shm is another device
+    prefix = f"{SHM}/"
     for pid in pids:
         with contextlib.suppress(OSError):
             for fd in os.listdir(f"/proc/{pid}/fd"):
                 with contextlib.suppress(OSError):
-                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                    if target.startswith("/dev/shm/") and not target.endswith(" (deleted)"):
-                        names.add(target.removeprefix("/dev/shm/"))
+                    if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(prefix):
+                        st = os.stat(f"/proc/{pid}/fd/{fd}")
+                        files.add((st.st_dev, st.st_ino))
         with contextlib.suppress(OSError), open(f"/proc/{pid}/maps") as maps:
             for line in maps:
                 parts = line.split(None, 5)
-                path = parts[5].strip() if len(parts) == 6 else ""
-                if path.startswith("/dev/shm/") and not path.endswith(" (deleted)"):
-                    names.add(path.removeprefix("/dev/shm/"))
+                if len(parts) == 6 and parts[5].startswith(prefix):
+                    major, minor = parts[3].split(":")
+                    files.add((os.makedev(int(major, 16), int(minor, 16)), int(parts[4])))
+    names = set()
+    if files:
+        for name in listing():
+            with contextlib.suppress(OSError):
+                st = os.stat(SHM / name, follow_symlinks=False)
+                if (st.st_dev, st.st_ino) in files:
+                    names.add(name)
     return names
 
 
@@ -83,25 +100,41 @@ def copy_sparse(src: Path, dst: Path) -> None:
 
 
 def save(names: set[str], dest: Path) -> list[str]:
-    """Copy the named /dev/shm files that still exist into dest; returns what was saved."""
+    """Copy the named /dev/shm files that still exist into dest, names of one file as hard
+    links of one copy; returns what was saved."""
     dest.mkdir(parents=True, exist_ok=True, mode=0o700)
     saved = []
+    first: dict[int, str] = {}  # inode -> the name its copy was saved under
     for name in sorted(names):
         with contextlib.suppress(FileNotFoundError):
-            copy_sparse(SHM / name, dest / name)
+            inode = os.stat(SHM / name).st_ino
+            if inode in first:
+                os.link(dest / first[inode], dest / name)
+            else:
+                copy_sparse(SHM / name, dest / name)
+                first[inode] = name
             saved.append(name)
     return saved
 
 
 def put_back(source: Path) -> list[str]:
-    """Write every saved file back to /dev/shm (0600, atomically by rename); returns names."""
+    """Write every saved file back to /dev/shm (0600, atomically by rename), saved hard links
+    as hard links; returns names."""
     placed: list[str] = []
     if not source.is_dir():
         return placed
+    first: dict[int, str] = {}  # inode in source -> the name placed for it
     for path in sorted(source.iterdir()):
         tmp = SHM / f".fastboot-{os.getpid()}-{path.name}"
-        copy_sparse(path, tmp)
-        os.chmod(tmp, 0o600)
+        inode = path.stat().st_ino
+        if inode in first:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()  # left by a killed run with this pid
+            os.link(SHM / first[inode], tmp)
+        else:
+            copy_sparse(path, tmp)
+            os.chmod(tmp, 0o600)
+            first[inode] = path.name
         os.rename(tmp, SHM / path.name)
         placed.append(path.name)
     return placed
