@@ -22,7 +22,18 @@ from pathlib import Path
 
 from fastboot.serve import free_port
 
-__all__ = ["EngineProcess", "FastbootRun", "engine_process", "free_port", "processes_mentioning"]
+__all__ = [
+    "RESTORED",
+    "EngineProcess",
+    "FastbootRun",
+    "engine_process",
+    "free_port",
+    "processes_mentioning",
+    "serving",
+]
+
+#: fastboot's log line for a restore that passed its oracle: id, seconds, cold boot seconds.
+RESTORED = r"restored snapshot (\w+) in ([\d.]+) s; cold boot was ([\d.]+) s"
 
 
 def log_tail(path: Path, lines: int = 60) -> str:
@@ -189,3 +200,15 @@ class FastbootRun:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
+
+
+@contextlib.contextmanager
+def serving(run: FastbootRun, pattern: str, deadline_s: float) -> Iterator[FastbootRun]:
+    """run, once its log has a line matching pattern; killed on the way out if still running
+    (tests that stop it themselves check how it stopped)."""
+    try:
+        run.wait_for(pattern, deadline_s)
+        yield run
+    finally:
+        if run.proc.poll() is None:
+            run.kill()

@@ -21,7 +21,13 @@ from fastboot.imagefs.mount import probe
 from fastboot.imagefs.store import ImageStore
 from fastboot.models.tiny import cpu_serve_flags
 from fastboot.snapshot.store import Manifest, Store
-from tests.engine_process import FastbootRun, free_port, processes_mentioning
+from tests.engine_process import (
+    RESTORED,
+    FastbootRun,
+    free_port,
+    processes_mentioning,
+    serving,
+)
 
 pytestmark = [
     pytest.mark.integration,
@@ -32,7 +38,6 @@ pytestmark = [
 ]
 
 IMAGE = "env"
-RESTORED = r"restored snapshot (\w+) in ([\d.]+) s; cold boot was ([\d.]+) s"
 
 
 @dataclass
@@ -93,13 +98,8 @@ def env(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Env:
 
 @pytest.fixture(scope="module")
 def first_run(env: Env) -> Iterator[FastbootRun]:
-    run = env.run("first")
-    try:
-        run.wait_for(RESTORED, 900)
+    with serving(env.run("first"), RESTORED, 900) as run:
         yield run
-    finally:
-        if run.proc.poll() is None:
-            run.kill()
 
 
 def engine_libraries(port: int) -> list[str]:

@@ -29,7 +29,13 @@ from fastboot.imagefs.testing import Nginx
 from fastboot.models.tiny import cpu_serve_flags
 from fastboot.snapshot.fingerprint import current as current_fingerprint
 from fastboot.snapshot.store import Manifest, SnapshotId, Store
-from tests.engine_process import FastbootRun, free_port, processes_mentioning
+from tests.engine_process import (
+    RESTORED,
+    FastbootRun,
+    free_port,
+    processes_mentioning,
+    serving,
+)
 
 pytestmark = [
     pytest.mark.integration,
@@ -38,7 +44,6 @@ pytestmark = [
 
 IMAGE = "tiny-weights"
 SERVED = "tiny"
-RESTORED = r"restored snapshot (\w+) in ([\d.]+) s; cold boot was ([\d.]+) s"
 
 
 @dataclass
@@ -128,13 +133,8 @@ def env(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 @pytest.fixture(scope="module")
 def first_run(env: Env) -> Iterator[FastbootRun]:
-    run = env.run("first")
-    try:
-        run.wait_for(RESTORED, 600)
+    with serving(env.run("first"), RESTORED, 600) as run:
         yield run
-    finally:
-        if run.proc.poll() is None:
-            run.kill()
 
 
 def client(env: Env):  # type: ignore[no-untyped-def]

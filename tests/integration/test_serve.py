@@ -25,7 +25,13 @@ import pytest
 
 from fastboot.models.tiny import cpu_serve_flags
 from fastboot.snapshot.store import Store
-from tests.engine_process import FastbootRun, free_port, processes_mentioning
+from tests.engine_process import (
+    RESTORED,
+    FastbootRun,
+    free_port,
+    processes_mentioning,
+    serving,
+)
 
 pytestmark = [
     pytest.mark.integration,
@@ -34,7 +40,6 @@ pytestmark = [
 
 #: KV cache sized to the need (32 MiB), so the image holds no cache worth rebuilding.
 ENGINE_FLAGS = cpu_serve_flags("tiny")
-RESTORED = r"restored snapshot (\w+) in ([\d.]+) s; cold boot was ([\d.]+) s"
 COLD_BOOT_STARTED = "(APIServer pid=1)"
 
 
@@ -113,13 +118,8 @@ def setup(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Setup:
 
 @pytest.fixture(scope="module")
 def first_run(setup: Setup) -> Iterator[FastbootRun]:
-    run = setup.run("first")
-    try:
-        run.wait_for(RESTORED, 900)
+    with serving(setup.run("first"), RESTORED, 900) as run:
         yield run
-    finally:
-        if run.proc.poll() is None:
-            run.kill()
 
 
 @pytest.fixture
