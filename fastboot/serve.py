@@ -28,7 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from fastboot import __version__, envs
+from fastboot import __version__, engines, envs
 from fastboot.engines import hooks, vllm
 from fastboot.errors import CriuMissingError, FastbootError, UsageError
 from fastboot.snapshot import criu as criu_mod
@@ -58,7 +58,9 @@ class ServeConfig:
     model: str
     """MODEL as given (a local directory or a hub name)."""
     engine_argv: list[str]
-    """Flags for the engine, verbatim."""
+    """Flags for the engine, verbatim (vLLM's; translated for SGLang)."""
+    engine: str = vllm.NAME
+    """Which engine runs: "vllm" or "sglang" (fastboot.engines)."""
     host: str | None = None
     """--host as given to the engine (read only)."""
     port: int | None = None
@@ -145,13 +147,14 @@ def snapshot_key(
 ) -> tuple[SnapshotId, dict[str, Any]]:
     """The key parts and their digest, the snapshot's id. The host fingerprint is checked
     separately, so a snapshot that does not fit this host is reported, not silently missed."""
+    prefixes = engines.get(config.engine).ENV_PREFIXES
     key = {
-        "engine": vllm.NAME,
+        "engine": config.engine,
         "engine_version": engine_version,
         "argv": config.engine_argv,
         "model": config.model_identity or model_identity(config.model, cache),
         "fastboot": __version__,
-        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("VLLM_")},
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(prefixes)},
     }
     if config.environment is not None:  # only then: keys of snapshots without one stay as they were
         key["environment"] = config.environment
@@ -180,7 +183,10 @@ def check_port_free(host: str | None, port: int | None) -> None:
 
 def serve(config: ServeConfig) -> int:
     """Run the engine until it exits or SIGINT/SIGTERM arrives; returns the exit code."""
+    engine = engines.get(config.engine)  # an unknown engine fails before anything starts
     if config.isolated:
+        if config.engine != vllm.NAME:
+            raise UsageError(f"--fastboot-isolated runs vLLM only, not {config.engine} (yet)")
         for flag, value in (("weights", config.weights_image), ("env", config.env_image)):
             if value:
                 raise UsageError(f"--fastboot-isolated does not take --fastboot-{flag}-image yet")
@@ -202,7 +208,7 @@ def serve(config: ServeConfig) -> int:
             if config.weights_image:
                 mounts.append(weights := SharedMount(config.weights_image))
                 config = _from_image(config, weights.acquire(), weights.identity)
-            engine_version = vllm.version(_site_packages(config.engine_python))
+            engine_version = engine.version(_site_packages(config.engine_python))
             tree = _boot(config, engine_version, Path(run_dir))
             code = tree.wait()
             logger.info("engine exited with %s", code)
@@ -252,6 +258,40 @@ def _from_image(config: ServeConfig, mountpoint: Path, identity: dict[str, Any])
     return replace(config, model=str(mountpoint), engine_argv=argv, model_identity=identity)
 
 
+#: NCCL transports that hold device mappings or shared buffers across processes, which a
+#: per-process CUDA checkpoint cannot capture (docs/gpu.md, "Multi-GPU"): off for a
+#: tensor-parallel engine. Experimental: what this costs in all-reduce throughput is unmeasured.
+NCCL_CHECKPOINT_ENV = {
+    "NCCL_P2P_DISABLE": "1",
+    "NCCL_NVLS_ENABLE": "0",
+    "NCCL_SHM_DISABLE": "1",
+    "NCCL_IB_DISABLE": "1",
+}
+
+
+def tensor_parallel_env(engine_argv: list[str], env: dict[str, str]) -> dict[str, str]:
+    """NCCL_CHECKPOINT_ENV for an engine with a tensor-parallel size above 1, except what env
+    already sets (the user's choice wins); {} otherwise."""
+    size = 1
+    for flag in ("--tensor-parallel-size", "-tp"):
+        for i, arg in enumerate(engine_argv):
+            name, eq, value = arg.replace("_", "-").partition("=")
+            if name == flag:
+                value = value if eq else (engine_argv[i + 1] if i + 1 < len(engine_argv) else "")
+                size = int(value) if value.isdigit() else size
+    if size <= 1:
+        return {}
+    chosen = {k: v for k, v in NCCL_CHECKPOINT_ENV.items() if k not in env}
+    logger.warning(
+        "tensor parallel size %d: experimental; NCCL's P2P, NVLS, SHM and IB transports are "
+        "off so the CUDA checkpoint can capture each rank (%s); the all-reduce cost of that "
+        "is unmeasured",
+        size,
+        " ".join(f"{k}={v}" for k, v in chosen.items()) or "already set",
+    )
+    return chosen
+
+
 def _env_from_image(config: ServeConfig, mountpoint: Path, identity: dict[str, Any]) -> ServeConfig:
     """The engine is run as `MOUNT/bin/python -m vllm...`: a virtual environment's interpreter
     finds its site-packages through MOUNT/pyvenv.cfg wherever the environment is, while the
@@ -283,7 +323,7 @@ def _boot(config: ServeConfig, engine_version: str, run_dir: Path) -> EngineTree
     digests = DigestCache(store.root / DIGEST_CACHE)
     try:
         snapshot_id, key = snapshot_key(config, engine_version, digests)
-        host_fp = fingerprint.current(f"{vllm.NAME} {engine_version}")
+        host_fp = fingerprint.current(f"{config.engine} {engine_version}", gpu=True)
         if not config.refresh:
             restored = _try_restore(config, store, snapshot_id, host_fp, run_dir, digests)
             if restored is not None:
@@ -331,7 +371,9 @@ def _try_restore(
         return None
     try:
         step = time.monotonic()
-        model = vllm.wait_ready(config.url, config.restore_timeout_s, tree.alive)
+        model = engines.get(config.engine).wait_ready(
+            config.url, config.restore_timeout_s, tree.alive
+        )
         hooks.load(config.hooks).resume(config.url)
         logger.debug("restored engine answered in %.3f s", time.monotonic() - step)
         step = time.monotonic()
@@ -369,7 +411,7 @@ def _restore(criu: criu_mod.Criu, path: Path, manifest: Manifest, workdir: Path)
     tree = EngineTree.adopt_restored(pid, read_fd, manifest.stdio_pipe, stdout_sink())
     tree.shm_names = {n for n in placed if not n.startswith("link_remap.")}
     try:
-        gpu_after_restore(tree)
+        gpu_after_restore(tree, manifest)
     except FastbootError:
         tree.stop()
         raise
@@ -379,8 +421,10 @@ def _restore(criu: criu_mod.Criu, path: Path, manifest: Manifest, workdir: Path)
 def _cold_boot(config: ServeConfig, run_dir: Path) -> tuple[EngineTree, float, str]:
     """A ready cold-booted engine, the seconds it took, and the model name it serves."""
     start = time.monotonic()
-    argv = vllm.command(config.model, config.engine_argv, config.engine_python)
+    engine = engines.get(config.engine)
+    argv = engine.command(config.model, config.engine_argv, config.engine_python)
     env = engine_env(run_dir)
+    env.update(tensor_parallel_env(config.engine_argv, env))
     if config.engine_python is not None:
         # What `activate` would set: tools the engine runs by name come from its environment.
         env["VIRTUAL_ENV"] = str(config.engine_python.parent.parent)
@@ -390,7 +434,7 @@ def _cold_boot(config: ServeConfig, run_dir: Path) -> tuple[EngineTree, float, s
         env["VLLM_RPC_BASE_PATH"] = str(config.rpc_dir)
     tree = EngineTree.spawn(argv, env, stdout_sink())
     try:
-        model = vllm.wait_ready(config.url, config.ready_timeout_s, tree.alive)
+        model = engine.wait_ready(config.url, config.ready_timeout_s, tree.alive)
     except vllm.EngineError as exc:
         tree.stop()
         raise vllm.EngineError(
@@ -398,7 +442,8 @@ def _cold_boot(config: ServeConfig, run_dir: Path) -> tuple[EngineTree, float, s
         ) from exc
     elapsed = time.monotonic() - start
     logger.info("cold boot ready in %.1f s", elapsed)
-    check_plugin(run_dir)
+    if engine.HAS_PLUGIN:
+        check_plugin(run_dir)
     return tree, elapsed, model
 
 

@@ -139,7 +139,7 @@ def _try_restore(
     start = time.monotonic()
     try:
         manifest = store.verify(snapshot_id, digests)
-        host = fingerprint.current(f"{vllm.NAME} {vllm.version()}")
+        host = fingerprint.current(f"{vllm.NAME} {vllm.version()}", gpu=True)
         if why := fingerprint.incompatibility(manifest.fingerprint, host):
             logger.warning("snapshot %s does not fit this host (%s)", snapshot_id[:12], why)
             return None

@@ -125,7 +125,7 @@ class ReplicaManager:
         self.config = config
         self.replicas: dict[str, Replica] = {}
         self.digests = DigestCache(config.store.root / DIGEST_CACHE)
-        self._host = fingerprint.current(f"{vllm.NAME} {vllm.version()}")
+        self._host = fingerprint.current(f"{vllm.NAME} {vllm.version()}", gpu=True)
         self._watcher: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count(1)

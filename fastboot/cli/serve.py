@@ -8,6 +8,12 @@ from pathlib import Path
 from fastboot.cli.passthrough import FlagSpec, split_serve_argv
 
 FLAGS = [
+    FlagSpec(
+        "engine",
+        "the engine: vllm (default) or sglang; the flags stay vLLM's, translated for SGLang "
+        "(`--engine NAME` is read as this flag: vLLM has no --engine)",
+        True,
+    ),
     FlagSpec("snapshot-dir", "where snapshots live (default $FASTBOOT_HOME/snapshots)", True),
     FlagSpec("no-snapshot", "plain cold boot: read and write no snapshot"),
     FlagSpec("refresh", "ignore an existing snapshot and make a new one"),
@@ -49,14 +55,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("argv", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
 
+def engine_alias(argv: list[str]) -> list[str]:
+    """`--engine NAME` / `--engine=NAME` (the issue's spelling; vLLM has no such flag) as
+    `--fastboot-engine`; after a bare `--` everything stays the engine's."""
+    out: list[str] = []
+    for i, token in enumerate(argv):
+        if token == "--":
+            return out + argv[i:]
+        name, eq, value = token.partition("=")
+        out.append("--fastboot-engine" + eq + value if name == "--engine" else token)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from fastboot.serve import ServeConfig, serve
 
-    split = split_serve_argv(args.argv, FLAGS)
+    split = split_serve_argv(engine_alias(args.argv), FLAGS)
     snapshot_dir = split.fastboot.get("snapshot-dir")
     config = ServeConfig(
         model=split.model,
         engine_argv=split.engine_argv,
+        engine=str(split.fastboot.get("engine", "vllm")),
         host=split.host,
         port=split.port,
         snapshot_dir=Path(str(snapshot_dir)) if snapshot_dir else None,

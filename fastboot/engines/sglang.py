@@ -8,8 +8,13 @@ passed on verbatim, with a warning, so SGLang's own flags (`--attention-backend`
 Where the two engines' defaults differ in a way a drop-in would notice, vLLM's are applied:
 port 8000 (SGLang: 30000) and host 0.0.0.0 (SGLang: 127.0.0.1), unless the command line says.
 
-Readiness is the same as vLLM's: /health answers and /v1/models lists the model. Nothing here
-has run against a real SGLang (it is not installed on the CPU machines; see docs/gpu.md).
+Readiness is the same as vLLM's: /health answers and /v1/models lists the model. The oracle
+uses SGLang's native `POST /generate`, whose answer carries the generated token ids
+(`output_ids`); warm-up goes through the OpenAI routes clients use. SGLang has no plugin hook
+like vLLM's general plugins, so nothing of fastboot runs inside it (quiesce and resume are HTTP
+calls: fastboot.engines.sglang_memory_saver). Nothing here has run against a real SGLang (it is
+not installed on the CPU machines; tests/unit/test_sglang.py runs it against a fake server; see
+docs/gpu.md).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from fastboot.engines import vllm
 from fastboot.errors import DependencyError, UsageError
@@ -25,6 +32,9 @@ from fastboot.errors import DependencyError, UsageError
 logger = logging.getLogger(__name__)
 
 NAME = "sglang"
+ENV_PREFIXES = ("SGLANG_",)
+HAS_PLUGIN = False
+EngineError = vllm.EngineError
 INSTALL_HINT = "pip install 'fastboot[sglang]'"
 
 #: vLLM flag -> SGLang flag, for flags that take a value.
@@ -120,22 +130,65 @@ def translate(model: str, engine_argv: list[str]) -> Translation:
     return Translation(out, warnings)
 
 
-def command(model: str, engine_argv: list[str]) -> list[str]:
-    """`python -m sglang.launch_server ...` with this interpreter; logs each warning once."""
+def command(model: str, engine_argv: list[str], python: Path | None = None) -> list[str]:
+    """`python -m sglang.launch_server ...` with this interpreter (or `python`, another
+    environment's); logs each warning once."""
     translation = translate(model, engine_argv)
     for warning in translation.warnings:
         logger.warning("sglang: %s", warning)
-    return [sys.executable, "-m", "sglang.launch_server", *translation.argv]
+    return [str(python or sys.executable), "-m", "sglang.launch_server", *translation.argv]
 
 
-def version() -> str:
-    """The installed SGLang's version; DependencyError with the install hint if none."""
+def version(site_packages: list[str] | None = None) -> str:
+    """The installed SGLang's version (this environment's, or the one in site_packages);
+    DependencyError with the install hint if none."""
     import importlib.metadata as md
 
+    if site_packages is not None:
+        for dist in md.distributions(name="sglang", path=site_packages):
+            return str(dist.version)
+        raise DependencyError(f"SGLang is not installed in {', '.join(site_packages)}")
     try:
         return md.version("sglang")
     except md.PackageNotFoundError as exc:
         raise DependencyError(f"SGLang is not installed: {INSTALL_HINT}") from exc
+
+
+def generate(url: str, prompt: str, max_tokens: int) -> dict[str, Any]:
+    """SGLang's native greedy `POST /generate`: {"text", "output_ids", "meta_info"}."""
+    body = {"text": prompt, "sampling_params": {"max_new_tokens": max_tokens, "temperature": 0}}
+    result: dict[str, Any] = vllm.request_json(url + "/generate", body)
+    return result
+
+
+def generate_ids(url: str, model: str, prompt: str, max_tokens: int) -> list[int]:
+    """The greedy generation's token ids (`model` is implied: SGLang serves one)."""
+    del model
+    return list(generate(url, prompt, max_tokens).get("output_ids") or [])
+
+
+def warm_up(url: str, model: str) -> None:
+    """vLLM's warm-up prompts through the OpenAI routes clients use (without vLLM's own
+    `return_token_ids`), a chat request, and /generate, which the oracle uses."""
+    for prompt in vllm.WARMUP_PROMPTS:
+        body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0}
+        vllm.request_json(url + "/v1/completions", body)
+    chat = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    vllm.request_json(url + "/v1/chat/completions", chat)
+    generate(url, vllm.WARMUP_PROMPTS[0], 8)
+
+
+def oracle(url: str, model: str) -> dict[str, Any]:
+    """The fixed greedy request through /generate: {prompt, max_tokens, token_ids, text}."""
+    out = generate(url, vllm.ORACLE_PROMPT, vllm.ORACLE_MAX_TOKENS)
+    if not out.get("output_ids"):
+        raise EngineError("SGLang's /generate returned no output_ids for the oracle request")
+    return {
+        "prompt": vllm.ORACLE_PROMPT,
+        "max_tokens": vllm.ORACLE_MAX_TOKENS,
+        "token_ids": list(out["output_ids"]),
+        "text": out.get("text", ""),
+    }
 
 
 def wait_ready(url: str, deadline_s: float, alive: Callable[[], bool]) -> str:

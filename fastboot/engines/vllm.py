@@ -22,6 +22,10 @@ from typing import Any
 from fastboot.errors import DependencyError, FastbootError
 
 NAME = "vllm"
+#: Environment variables that change what the engine does: part of the snapshot key.
+ENV_PREFIXES = ("VLLM_",)
+#: fastboot's engine-side plugin (a vLLM general plugin) loads in every engine process.
+HAS_PLUGIN = True
 ORACLE_PROMPT = "fastboot oracle: the quick brown fox jumps over the lazy dog"
 ORACLE_MAX_TOKENS = 8
 #: Prompts of several lengths: each new shape is compiled on first use, so a snapshot taken
@@ -69,7 +73,9 @@ def base_url(host: str | None, port: int | None) -> str:
     return f"http://{host}:{port or 8000}"
 
 
-def _request(url: str, body: dict[str, Any] | None = None, timeout: float = 120) -> Any:
+def request_json(url: str, body: dict[str, Any] | None = None, timeout: float = 120) -> Any:
+    """GET (body None) or POST JSON to the engine; the decoded answer. With VLLM_API_KEY set
+    in fastboot's environment it is sent as the bearer token."""
     data = None if body is None else json.dumps(body).encode()
     headers = {"content-type": "application/json"}
     if key := os.environ.get("VLLM_API_KEY"):
@@ -89,8 +95,8 @@ def wait_ready(url: str, deadline_s: float, alive: Callable[[], bool]) -> str:
         if not alive():
             raise EngineError("the engine exited before it was ready")
         try:
-            _request(url + "/health", timeout=2)
-            models = _request(url + "/v1/models", timeout=5)
+            request_json(url + "/health", timeout=2)
+            models = request_json(url + "/v1/models", timeout=5)
             return str(models["data"][0]["id"])
         except (OSError, http.client.HTTPException, ValueError, KeyError, IndexError):
             pass  # not up yet, or not answering the way a ready server does
@@ -107,15 +113,21 @@ def complete(url: str, model: str, prompt: str, max_tokens: int) -> dict[str, An
         "temperature": 0,
         "return_token_ids": True,
     }
-    result: dict[str, Any] = _request(url + "/v1/completions", body)
+    result: dict[str, Any] = request_json(url + "/v1/completions", body)
     return result
+
+
+def generate_ids(url: str, model: str, prompt: str, max_tokens: int) -> list[int]:
+    """The greedy completion's token ids (vLLM's `return_token_ids`)."""
+    choice = complete(url, model, prompt, max_tokens)["choices"][0]
+    return list(choice.get("token_ids") or [])
 
 
 def warm_up(url: str, model: str) -> None:
     for prompt in WARMUP_PROMPTS:
         complete(url, model, prompt, 8)
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-    _request(url + "/v1/chat/completions", body)
+    request_json(url + "/v1/chat/completions", body)
 
 
 def oracle(url: str, model: str) -> dict[str, Any]:

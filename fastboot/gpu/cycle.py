@@ -97,13 +97,15 @@ def before_dump(
     )
 
 
-def after_restore(pids: Sequence[int], gpu: CudaCheckpointer) -> None:
-    """Restore every pid's GPU state, then unlock every pid. Raises GpuRestoreError (the caller
-    kills the tree and boots cold)."""
+def after_restore(
+    pids: Sequence[int], gpu: CudaCheckpointer, gpu_pairs: Sequence[tuple[str, str]] = ()
+) -> None:
+    """Restore every pid's GPU state (onto other GPUs by gpu_pairs: (old UUID, new UUID)), then
+    unlock every pid. Raises GpuRestoreError (the caller kills the tree and boots cold)."""
     started = time.monotonic()
     try:
         for pid in pids:
-            gpu.restore(pid)
+            gpu.restore(pid, gpu_pairs)
         for pid in pids:
             gpu.unlock(pid)
     except GpuRestoreError:
@@ -113,6 +115,15 @@ def after_restore(pids: Sequence[int], gpu: CudaCheckpointer) -> None:
             f"{exc}; kill the restored tree and boot cold", exc.pid, exc.step, exc.code
         ) from exc
     logger.info("cuda restore of %d process(es) in %.2f s", len(pids), time.monotonic() - started)
+
+
+def uuid_pairs(dumped: Sequence[str], here: Sequence[str]) -> list[tuple[str, str]]:
+    """(old, new) UUID pairs for restoring onto this host's GPUs: the i-th GPU of the dump onto
+    the i-th GPU here (the order CUDA enumerates them). [] when nothing moves, or when the
+    counts differ (the fingerprint check refuses that snapshot before any restore)."""
+    if len(dumped) != len(here) or list(dumped) == list(here):
+        return []
+    return list(zip(dumped, here, strict=True))
 
 
 def dump_with_gpu(

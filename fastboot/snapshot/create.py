@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from fastboot import __version__, envs, netns
+from fastboot import __version__, engines, envs, netns
 from fastboot.engines import hooks, vllm
 from fastboot.errors import FastbootError
 from fastboot.snapshot import criu as criu_mod
@@ -94,8 +94,9 @@ def take(
     quiesced = False
     try:
         criu = criu_mod.find_criu()
-        vllm.warm_up(url, model)
-        oracle = vllm.oracle(url, model)
+        engine = engines.get(str(target.key.get("engine", vllm.NAME)))
+        engine.warm_up(url, model)
+        oracle = engine.oracle(url, model)
         hooks.load(target.hooks).quiesce(url)
         quiesced = True
         with target.store.partial(target.snapshot_id) as partial:
@@ -169,16 +170,22 @@ def with_gpu(tree: EngineTree, dump: Callable[[], None]) -> None:
     dump_with_gpu(pids, dump, CudaCheckpointer())
 
 
-def gpu_after_restore(tree: EngineTree) -> None:
-    """Restore and unlock the CUDA state of a restored tree's processes (none on CPU engines).
+def gpu_after_restore(tree: EngineTree, manifest: Manifest) -> None:
+    """Restore and unlock the CUDA state of a restored tree's processes (none on CPU engines),
+    onto this host's GPUs where their UUIDs differ from the dump's (the driver's UUID remap).
     Raises GpuRestoreError: the caller stops the tree and boots cold."""
     from fastboot.gpu.checkpoint import cuda_pids
 
     if pids := cuda_pids(tree_pids(tree.root_pid)):
         from fastboot.gpu.checkpoint import CudaCheckpointer
-        from fastboot.gpu.cycle import after_restore
+        from fastboot.gpu.cycle import after_restore, uuid_pairs
+        from fastboot.gpu.info import gpu_fields
 
-        after_restore(pids, CudaCheckpointer())
+        here = gpu_fields().get("gpu_uuids", ())
+        pairs = uuid_pairs(manifest.fingerprint.gpu_uuids, here)
+        if pairs:
+            logger.info("restoring onto other GPUs: %s", ", ".join(f"{a}->{b}" for a, b in pairs))
+        after_restore(pids, CudaCheckpointer(), pairs)
 
 
 def restore_isolated(
@@ -211,7 +218,7 @@ def restore_isolated(
         pid, read_fd, manifest.stdio_pipe, sink or stdout_sink(), isolated=True
     )
     try:
-        gpu_after_restore(tree)
+        gpu_after_restore(tree, manifest)
     except FastbootError:
         tree.stop()
         raise
@@ -219,11 +226,14 @@ def restore_isolated(
 
 
 def check_oracle(url: str, model: str, manifest: Manifest) -> None:
+    """The restored engine (of the engine the snapshot's key names) reproduces the oracle's
+    greedy token ids."""
     want = manifest.oracle
-    got = vllm.complete(url, model, want["prompt"], want["max_tokens"])["choices"][0]
-    if got.get("token_ids") != want["token_ids"]:
+    engine = engines.get(str(manifest.key.get("engine", vllm.NAME)))
+    got = engine.generate_ids(url, model, want["prompt"], want["max_tokens"])
+    if got != want["token_ids"]:
         raise vllm.EngineError(
-            f"oracle mismatch: expected token ids {want['token_ids']}, got {got.get('token_ids')}"
+            f"oracle mismatch: expected token ids {want['token_ids']}, got {got}"
         )
 
 
@@ -263,7 +273,7 @@ def isolated_target(config: CreateConfig, digests: DigestCache) -> Target:
         store=config.store,
         snapshot_id=key_id(key),
         key=key,
-        host=fingerprint.current(f"{vllm.NAME} {engine_version}"),
+        host=fingerprint.current(f"{vllm.NAME} {engine_version}", gpu=True),
         engine_argv=argv,
         digests=digests,
         hooks=config.hooks,

@@ -114,3 +114,16 @@ def test_restore_with_gpu_uses_the_pids_restore_returned() -> None:
         fake.states[p] = ProcessState.CHECKPOINTED
     assert cycle.restore_with_gpu(lambda: [201, 202], CudaCheckpointer(fake)) == [201, 202]
     assert fake.states == {201: ProcessState.RUNNING, 202: ProcessState.RUNNING}
+
+
+def test_restore_onto_other_gpus_passes_the_uuid_pairs_for_every_process() -> None:
+    fake = FakeDriver(PIDS)
+    for p in PIDS:
+        fake.states[p] = ProcessState.CHECKPOINTED
+    pairs = cycle.uuid_pairs(["GPU-a", "GPU-b"], ["GPU-c", "GPU-b"])
+    assert pairs == [("GPU-a", "GPU-c"), ("GPU-b", "GPU-b")]
+    cycle.after_restore(PIDS, CudaCheckpointer(fake), pairs)
+    assert fake.pairs == [tuple(pairs)] * 3
+    assert cycle.uuid_pairs(["GPU-a"], ["GPU-a"]) == []  # the same GPUs: no remap
+    assert cycle.uuid_pairs(["GPU-a"], ["GPU-a", "GPU-b"]) == []  # refused by the fingerprint
+    assert cycle.uuid_pairs([], []) == []  # a CPU snapshot

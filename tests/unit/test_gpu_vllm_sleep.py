@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
 
 from fastboot.engines import hooks, vllm_sleep
 from fastboot.engines.vllm import EngineError
+from tests.unit.http_fakes import JsonHandler, running
 
 
 class FakeVllm(ThreadingHTTPServer):
@@ -20,19 +19,8 @@ class FakeVllm(ThreadingHTTPServer):
     requests: list[tuple[str, str, bytes]]
 
 
-class Handler(BaseHTTPRequestHandler):
+class Handler(JsonHandler):
     server: FakeVllm
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-    def _answer(self, code: int, body: object) -> None:
-        raw = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
 
     def _handle(self, method: str) -> None:
         length = int(self.headers.get("content-length") or 0)
@@ -68,14 +56,8 @@ class Handler(BaseHTTPRequestHandler):
 def fake() -> Iterator[tuple[FakeVllm, str]]:
     server = FakeVllm(("127.0.0.1", 0), Handler)
     server.requests = []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with running(server) as url:
+        yield server, url
 
 
 def test_loaded_as_hooks_quiesce_then_resume(fake: tuple[FakeVllm, str]) -> None:
