@@ -13,7 +13,7 @@ Each time is from starting `fastboot serve` until a completion has been answered
 has logged the restore (oracle checked) or the cold boot ready. Prints a table with medians and
 ratios; writes benchmarks/results/env_image.json.
 
-    .venv/bin/python benchmarks/env_image.py [--runs 3]
+    .venv/bin/python benchmarks/env_image.py [--runs 3] [--keep]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import statistics
 import sys
@@ -70,11 +71,22 @@ def restores(argv: list[str], port: int, model: str, log: Path, runs: int) -> di
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (GBs)")
     args = parser.parse_args()
     if sys.prefix == sys.base_prefix:
         print("run this from a virtual environment (.venv/bin/python)", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="fastboot-env-bench-"))
+    try:
+        return bench(work, args.runs)
+    finally:
+        if args.keep:
+            print(f"work dir kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def bench(work: Path, runs: int) -> int:
     os.chmod(work, 0o755)  # nginx workers read the served directory
     model = write_tiny_llama(work / "model")
     port = free_port()
@@ -102,7 +114,7 @@ def main() -> int:
         print("[local] cold boot + snapshot, then restores", flush=True)
         argv = [*serve, "--fastboot-snapshot-dir", str(work / "s-local")]
         local = cold_boot(argv, port, str(model), work / "local.log")
-        local |= restores(argv, port, str(model), work / "local.log", args.runs)
+        local |= restores(argv, port, str(model), work / "local.log", runs)
         print(f"[local] {local}", flush=True)
         print("[image] cold boot (lazy from nginx) + snapshot, then restores", flush=True)
         os.environ["FASTBOOT_HOME"] = str(home)  # timed_boot passes the environment on
@@ -127,7 +139,7 @@ def main() -> int:
             "fetched_raw_share": raw / ref.total_bytes,
             "image_stored_bytes": cold["fastboot_imagefs_image_stored_bytes"],
         }
-        image |= restores(argv, port, str(model), work / "image.log", args.runs)
+        image |= restores(argv, port, str(model), work / "image.log", runs)
         print(f"[image] {image}", flush=True)
     finally:
         server.stop()
@@ -151,7 +163,7 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "env_image.json"
     path.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {path} (work dir {work})")
+    print(f"wrote {path}")
     return 0
 
 
