@@ -273,12 +273,11 @@ def tensor_parallel_env(engine_argv: list[str], env: dict[str, str]) -> dict[str
     """NCCL_CHECKPOINT_ENV for an engine with a tensor-parallel size above 1, except what env
     already sets (the user's choice wins); {} otherwise."""
     size = 1
-    for flag in ("--tensor-parallel-size", "-tp"):
-        for i, arg in enumerate(engine_argv):
-            name, eq, value = arg.replace("_", "-").partition("=")
-            if name == flag:
-                value = value if eq else (engine_argv[i + 1] if i + 1 < len(engine_argv) else "")
-                size = int(value) if value.isdigit() else size
+    for i, arg in enumerate(engine_argv):
+        name, eq, value = arg.replace("_", "-").partition("=")
+        if name in ("--tensor-parallel-size", "-tp"):
+            value = value if eq else (engine_argv[i + 1] if i + 1 < len(engine_argv) else "")
+            size = int(value) if value.isdigit() else size
     if size <= 1:
         return {}
     chosen = {k: v for k, v in NCCL_CHECKPOINT_ENV.items() if k not in env}
@@ -410,11 +409,7 @@ def _restore(criu: criu_mod.Criu, path: Path, manifest: Manifest, workdir: Path)
             shm.remove([n for n in placed if n.startswith("link_remap.")])
     tree = EngineTree.adopt_restored(pid, read_fd, manifest.stdio_pipe, stdout_sink())
     tree.shm_names = {n for n in placed if not n.startswith("link_remap.")}
-    try:
-        gpu_after_restore(tree, manifest)
-    except FastbootError:
-        tree.stop()
-        raise
+    gpu_after_restore(tree, manifest)
     return tree
 
 

@@ -173,19 +173,23 @@ def with_gpu(tree: EngineTree, dump: Callable[[], None]) -> None:
 def gpu_after_restore(tree: EngineTree, manifest: Manifest) -> None:
     """Restore and unlock the CUDA state of a restored tree's processes (none on CPU engines),
     onto this host's GPUs where their UUIDs differ from the dump's (the driver's UUID remap).
-    Raises GpuRestoreError: the caller stops the tree and boots cold."""
+    On failure the tree is stopped and the error (GpuRestoreError) raised: boot cold."""
     from fastboot.gpu.checkpoint import cuda_pids
 
-    if pids := cuda_pids(tree_pids(tree.root_pid)):
-        from fastboot.gpu.checkpoint import CudaCheckpointer
-        from fastboot.gpu.cycle import after_restore, uuid_pairs
-        from fastboot.gpu.info import gpu_fields
+    if not (pids := cuda_pids(tree_pids(tree.root_pid))):
+        return
+    from fastboot.gpu.checkpoint import CudaCheckpointer
+    from fastboot.gpu.cycle import after_restore, uuid_pairs
+    from fastboot.gpu.info import gpu_fields
 
-        here = gpu_fields().get("gpu_uuids", ())
-        pairs = uuid_pairs(manifest.fingerprint.gpu_uuids, here)
+    try:
+        pairs = uuid_pairs(manifest.fingerprint.gpu_uuids, gpu_fields().get("gpu_uuids", ()))
         if pairs:
             logger.info("restoring onto other GPUs: %s", ", ".join(f"{a}->{b}" for a, b in pairs))
         after_restore(pids, CudaCheckpointer(), pairs)
+    except FastbootError:
+        tree.stop()
+        raise
 
 
 def restore_isolated(
@@ -217,11 +221,7 @@ def restore_isolated(
     tree = EngineTree.adopt_restored(
         pid, read_fd, manifest.stdio_pipe, sink or stdout_sink(), isolated=True
     )
-    try:
-        gpu_after_restore(tree, manifest)
-    except FastbootError:
-        tree.stop()
-        raise
+    gpu_after_restore(tree, manifest)
     return tree
 
 
