@@ -4,11 +4,13 @@ For each model size, in one run:
   1. one plain `vllm serve` boot, unmeasured, so the torch.compile cache is warm (the fair
      baseline: a real fleet keeps its compile cache);
   2. one `fastboot serve` cold boot that makes the snapshot (dump time, image size);
-  3. N interleaved pairs: plain `vllm serve` and `fastboot serve` (restore), each timed from
-     process start to the first completed request;
-  4. two floors for a restore, from the page cache: reading the snapshot's bytes into one reused
-     buffer (what `cat > /dev/null` does), and loading them into fresh anonymous memory, as any
-     restore must (every page allocated, zeroed and filled: the bytes have to land somewhere).
+  3. N interleaved triples, each timed from process start to the first completed request:
+     plain `vllm serve`; `fastboot serve` restoring with the page images mapped copy-on-write
+     (fastboot's CRIU patch, the default); and `fastboot serve` restoring with every page copied
+     (FASTBOOT_COPY_PAGES=1, what upstream CRIU does). Without the patch the last two are alike;
+  4. two floors for a restore that copies, from the page cache: reading the snapshot's bytes into
+     one reused buffer (what `cat > /dev/null` does), and loading them into fresh anonymous
+     memory (every page allocated, zeroed and filled). A mapped restore is not bound by them.
      fastboot's own phases (verify, `criu restore`, first answer) come from its DEBUG log.
 
 Prints a table with medians and ratios and writes JSON (and a PNG chart) to benchmarks/results/.
@@ -72,6 +74,7 @@ def timed_boot(
     stop: signal.Signals,
     snapshots: Path | None = None,
     ready_line: str | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> float:
     """Seconds from process start to the first completed request; the process is then stopped.
 
@@ -79,7 +82,7 @@ def timed_boot(
     answers from its cold engine while it warms up and dumps). With ready_line: also until the
     log has that line — a restored engine's socket answers as soon as `criu restore` returns,
     and fastboot's restore is complete only once it has checked the oracle and said so."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FASTBOOT_LOG_LEVEL": "DEBUG"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FASTBOOT_LOG_LEVEL": "DEBUG", **(extra_env or {})}
     offset = log.stat().st_size if log.exists() else 0
     with log.open("ab") as out:
         start = time.monotonic()
@@ -202,19 +205,25 @@ def bench_size(size: str, runs: int, work: Path) -> dict[str, object]:
     first_s = timed_boot(fastboot, port, str(model), log, signal.SIGINT, snapshots)
     (manifest,) = Store(snapshots).list()
     assert not isinstance(manifest, Exception), manifest
-    baseline, restore, phases = [], [], []
+    baseline, restore, copied, phases, copied_phases = [], [], [], [], []
+    ready = "restored snapshot"
     for i in range(runs):
         baseline.append(timed_boot(plain, port, str(model), log, signal.SIGTERM))
-        offset = log.stat().st_size
-        restore.append(
-            timed_boot(fastboot, port, str(model), log, signal.SIGINT, None, "restored snapshot")
-        )
-        with log.open(errors="replace") as f:
-            f.seek(offset)
-            phases.append(restore_phases(f.read()))
+        for times, phase_list, env in (
+            (restore, phases, {"FASTBOOT_COPY_PAGES": "0"}),
+            (copied, copied_phases, {"FASTBOOT_COPY_PAGES": "1"}),
+        ):
+            offset = log.stat().st_size
+            times.append(
+                timed_boot(fastboot, port, str(model), log, signal.SIGINT, None, ready, env)
+            )
+            with log.open(errors="replace") as f:
+                f.seek(offset)
+                phase_list.append(restore_phases(f.read()))
         print(
             f"[{size}] run {i + 1}/{runs}: vllm serve {baseline[-1]:.1f} s, "
-            f"fastboot restore {restore[-1]:.2f} s {phases[-1]}",
+            f"fastboot restore {restore[-1]:.2f} s {phases[-1]}, "
+            f"copying pages {copied[-1]:.2f} s {copied_phases[-1]}",
             flush=True,
         )
     read_s = page_cache_read_s(snapshots / manifest.id)
@@ -234,6 +243,10 @@ def bench_size(size: str, runs: int, work: Path) -> dict[str, object]:
         "vllm_serve_median_s": statistics.median(baseline),
         "fastboot_restore_median_s": statistics.median(restore),
         "speedup": statistics.median(baseline) / statistics.median(restore),
+        "fastboot_copied_restore_s": copied,
+        "fastboot_copied_restore_median_s": statistics.median(copied),
+        "copied_restore_phases": copied_phases,
+        "mapped_vs_copied": statistics.median(copied) / statistics.median(restore),
         "snapshot_bytes": manifest.total_bytes,
         "dump_s": manifest.dump_s,
         "page_cache_read_s": read_s,
@@ -288,7 +301,8 @@ def main() -> int:
             results.append(bench_size(size, args.runs, Path(work)))
     print()
     print(
-        f"{'model':<6} {'vllm serve':>11} {'fastboot':>9} {'speedup':>8} {'snapshot':>9} "
+        f"{'model':<6} {'vllm serve':>11} {'fastboot':>9} {'speedup':>8} {'copying':>8} "
+        f"{'mapped/copying':>15} {'snapshot':>9} "
         f"{'dump':>6} {'read':>6} {'load':>6} {'criu':>6} {'restore/read':>13} "
         f"{'restore/load':>13} {'criu/load':>10}"
     )
@@ -296,7 +310,9 @@ def main() -> int:
         gigabytes = int(str(r["snapshot_bytes"])) / 1e9
         print(
             f"{r['size']:<6} {r['vllm_serve_median_s']:>10.1f}s "
-            f"{r['fastboot_restore_median_s']:>8.2f}s {r['speedup']:>7.1f}x {gigabytes:>7.2f}GB "
+            f"{r['fastboot_restore_median_s']:>8.2f}s {r['speedup']:>7.1f}x "
+            f"{r['fastboot_copied_restore_median_s']:>7.2f}s {r['mapped_vs_copied']:>14.1f}x "
+            f"{gigabytes:>7.2f}GB "
             f"{r['dump_s']:>5.1f}s {r['page_cache_read_s']:>5.2f}s {r['memory_load_s']:>5.2f}s "
             f"{r['criu_restore_median_s']:>5.2f}s {r['restore_over_read']:>12.1f}x "
             f"{r['restore_over_load']:>12.1f}x "

@@ -4,7 +4,10 @@ In one run, for K in --ks (default 1,2,4):
   1. K plain `vllm serve` processes of the tiny model started at once (the baseline; compile
      cache warm from the snapshot's own cold boot), timed until every one has answered a request;
   2. K replicas restored at once by `fastboot agent` (one POST /v1/replicas), timed from the POST
-     until every one has answered a request through its own address, --runs times;
+     until every one has answered a request through its own address, --runs times, in both ways
+     a restore can fill memory, alternating: page images mapped copy-on-write (fastboot's CRIU
+     patch, the default) and every page copied (an agent started with FASTBOOT_COPY_PAGES=1,
+     which is what upstream CRIU does). Without the patched CRIU only the copied rows are run;
   3. memory per restored replica: RSS and PSS summed over each replica's processes (PSS counts a
      page shared by N processes as 1/N: what a replica really costs the host).
 
@@ -27,15 +30,23 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fastboot.models.tiny import cpu_serve_flags, write_tiny_llama  # noqa: E402
 from fastboot.serve import free_port  # noqa: E402
-from fastboot.supervisor import tree_pids  # noqa: E402
-from tests.agents import Agent, create_snapshot, isolated_flags, start_agent  # noqa: E402
+from fastboot.snapshot.criu import find_criu  # noqa: E402
+from tests.agents import (  # noqa: E402
+    Agent,
+    create_snapshot,
+    isolated_flags,
+    memory_kib,
+    start_agent,
+)
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -89,33 +100,64 @@ def with_kill(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def memory_kib(pid: int) -> tuple[int, int]:
-    """(RSS, PSS) in KiB summed over pid's process tree."""
-    rss = pss = 0
-    for p in tree_pids(pid):
-        try:
-            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
-                name, _, value = line.partition(":")
-                if name == "Rss":
-                    rss += int(value.split()[0])
-                elif name == "Pss":
-                    pss += int(value.split()[0])
-        except OSError:
-            continue
-    return rss, pss
-
-
 def restores(agent: Agent, snapshot_id: str, k: int) -> tuple[float, list[dict[str, object]]]:
-    """Seconds from one POST of k replicas until all answered; the replicas (still running)."""
+    """Seconds from one POST of k replicas until all answered; the replicas (still running).
+    Each replica is awaited and asked by a client of its own, as k independent users would."""
     start = time.monotonic()
     started = agent.ok("POST", "/v1/replicas", {"snapshot": snapshot_id, "count": k})["replicas"]
-    ready = [agent.wait_ready(str(r["id"])) for r in started]
-    for replica in ready:
+
+    def ready_and_answered(replica_id: str) -> dict[str, object]:
+        replica = agent.wait_ready(replica_id)
         while not answered(str(replica["address"]), str(replica["model"])):
             if time.monotonic() - start > 300:
-                raise RuntimeError(f"replica {replica['id']} never answered")
+                raise RuntimeError(f"replica {replica_id} never answered")
             time.sleep(0.02)
+        return replica
+
+    with ThreadPoolExecutor(max_workers=k) as pool:
+        ready = list(pool.map(ready_and_answered, [str(r["id"]) for r in started]))
     return time.monotonic() - start, ready
+
+
+def restore_rows(agent: Agent, snapshot_id: str, k: int, runs: int) -> dict[str, object]:
+    """runs restores of k replicas through agent: times, their median, memory per replica."""
+    times, memory = [], []
+    for _ in range(runs):
+        elapsed, ready = restores(agent, snapshot_id, k)
+        times.append(elapsed)
+        memory = [memory_kib(int(str(r["pid"]))) for r in ready]
+        for replica in ready:
+            agent.ok("DELETE", f"/v1/replicas/{replica['id']}")
+    return {
+        "restores_s": times,
+        "restore_median_s": statistics.median(times),
+        "rss_mib_per_replica": statistics.mean(m[0] for m in memory) / 1024,
+        "pss_mib_per_replica": statistics.mean(m[1] for m in memory) / 1024,
+    }
+
+
+def start_agents(work: Path, slots: int, mapped: bool) -> dict[str, Agent]:
+    """One agent per way of filling memory: "copied" (FASTBOOT_COPY_PAGES=1) and, with the
+    patched CRIU, "mapped"."""
+    agents = {}
+    modes = ["copied", "mapped"] if mapped else ["copied"]
+    for mode in modes:
+        saved = os.environ.get("FASTBOOT_COPY_PAGES")
+        os.environ["FASTBOOT_COPY_PAGES"] = "1" if mode == "copied" else "0"
+        try:
+            agents[mode] = start_agent(
+                work / "snapshots",
+                work / f"state-{mode}",
+                work / f"agent-{mode}.log",
+                name={"copied": "bcopy", "mapped": "bmap"}[mode],
+                slots=slots,
+            )
+        finally:
+            if saved is None:
+                del os.environ["FASTBOOT_COPY_PAGES"]
+            else:
+                os.environ["FASTBOOT_COPY_PAGES"] = saved
+    return agents
 
 
 def main() -> int:
@@ -125,57 +167,44 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "replicas.json")
     args = parser.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
-    results = []
+    criu = find_criu()
+    results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fastboot-replicas-") as tmp:
         work = Path(tmp)
         model = write_tiny_llama(work / "tiny", "tiny")
         print("making the snapshot (fastboot snapshot create)", flush=True)
         snapshot_id = create_snapshot(model, work / "snapshots", work / "create.log")
-        agent = start_agent(
-            work / "snapshots", work / "state", work / "agent.log", name="bench", slots=max(ks)
-        )
+        agents = start_agents(work, max(ks), criu.maps_pages)
         try:
             for k in ks:
                 cold = cold_boots(model, k, work / "cold.log")
-                times, memory = [], []
+                row: dict[str, Any] = {"k": k, "cold_boots_s": cold}
+                # One run at a time per mode, alternating, so drift hits both alike.
+                per_mode: dict[str, list[dict[str, object]]] = {m: [] for m in agents}
                 for _ in range(args.runs):
-                    elapsed, ready = restores(agent, snapshot_id, k)
-                    times.append(elapsed)
-                    memory = [memory_kib(int(str(r["pid"]))) for r in ready]
-                    for replica in ready:
-                        agent.ok("DELETE", f"/v1/replicas/{replica['id']}")
-                restore_s = statistics.median(times)
-                row = {
-                    "k": k,
-                    "cold_boots_s": cold,
-                    "restores_s": times,
-                    "restore_median_s": restore_s,
-                    "speedup": cold / restore_s,
-                    "rss_mib_per_replica": statistics.mean(m[0] for m in memory) / 1024,
-                    "pss_mib_per_replica": statistics.mean(m[1] for m in memory) / 1024,
-                }
+                    for mode, agent in agents.items():
+                        per_mode[mode].append(restore_rows(agent, snapshot_id, k, 1))
+                for mode, rows in per_mode.items():
+                    times = [float(str(r["restore_median_s"])) for r in rows]
+                    row[mode] = {
+                        "restores_s": times,
+                        "restore_median_s": statistics.median(times),
+                        "speedup": cold / statistics.median(times),
+                        "rss_mib_per_replica": rows[-1]["rss_mib_per_replica"],
+                        "pss_mib_per_replica": rows[-1]["pss_mib_per_replica"],
+                    }
+                    print(f"K={k} {mode}: {cold:.1f} s cold, restores {times}", flush=True)
                 results.append(row)
-                print(f"K={k}: {cold:.1f} s cold, {restore_s:.2f} s restored {times}", flush=True)
         finally:
-            agent.stop()
-    one = next(r["restore_median_s"] for r in results if r["k"] == 1) if 1 in ks else None
-    print(
-        f"\n{'K':>2} {'K cold boots':>13} {'K restores':>11} {'speedup':>8} {'vs K=1':>7} "
-        f"{'RSS/replica':>12} {'PSS/replica':>12}"
-    )
-    for r in results:
-        versus = f"{float(str(r['restore_median_s'])) / one:.2f}x" if one else "-"
-        r["restore_vs_one"] = float(str(r["restore_median_s"])) / one if one else None
-        print(
-            f"{r['k']:>2} {r['cold_boots_s']:>12.1f}s {r['restore_median_s']:>10.2f}s "
-            f"{r['speedup']:>7.1f}x {versus:>7} {r['rss_mib_per_replica']:>9.0f} MiB "
-            f"{r['pss_mib_per_replica']:>9.0f} MiB"
-        )
+            for agent in agents.values():
+                agent.stop()
+    print_table(results, list(agents))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     document = {
         "benchmark": "replicas",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": {"cpus": os.cpu_count(), "kernel": platform.release()},
+        "criu": {"path": criu.path, "version": criu.version_text, "maps_pages": criu.maps_pages},
         "engine_flags": isolated_flags(),
         "runs": args.runs,
         "results": results,
@@ -183,6 +212,32 @@ def main() -> int:
     args.out.write_text(json.dumps(document, indent=2) + "\n")
     print(f"\nwrote {args.out}")
     return 0
+
+
+def print_table(results: list[dict[str, Any]], modes: list[str]) -> None:
+    """Medians per K and mode with their ratios; adds restore_vs_one (each mode against its own
+    K=1) and mapped_vs_copied to the results."""
+    one = {m: next((r[m]["restore_median_s"] for r in results if r["k"] == 1), None) for m in modes}
+    print(
+        f"\n{'K':>2} {'mode':>7} {'K cold boots':>13} {'K restores':>11} {'speedup':>8} "
+        f"{'vs K=1':>7} {'RSS/replica':>12} {'PSS/replica':>12}"
+    )
+    for r in results:
+        for mode in modes:
+            m = r[mode]
+            m["restore_vs_one"] = m["restore_median_s"] / one[mode] if one[mode] else None
+            versus = f"{m['restore_vs_one']:.2f}x" if one[mode] else "-"
+            print(
+                f"{r['k']:>2} {mode:>7} {r['cold_boots_s']:>12.1f}s "
+                f"{m['restore_median_s']:>10.2f}s {m['speedup']:>7.1f}x {versus:>7} "
+                f"{m['rss_mib_per_replica']:>9.0f} MiB {m['pss_mib_per_replica']:>9.0f} MiB"
+            )
+    if "mapped" in modes:
+        for r in results:
+            r["mapped_vs_copied"] = (
+                r["copied"]["restore_median_s"] / r["mapped"]["restore_median_s"]
+            )
+            print(f"K={r['k']}: mapped restores {r['mapped_vs_copied']:.1f}x faster than copied")
 
 
 if __name__ == "__main__":

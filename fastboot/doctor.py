@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from fastboot import envs
 from fastboot.errors import FastbootError
 from fastboot.snapshot import criu as criu_mod
 from fastboot.snapshot import iouring
@@ -102,9 +103,17 @@ def check_criu() -> Check:
         fix = "see `criu check --all` for the missing kernel feature"
         return Check("criu", False, detail, fix, needed)
     verdict = "Looks good." if "Looks good" in output else output.splitlines()[-1]
-    return Check(
-        "criu", True, f"{found.version_text} at {found.path}; criu check: {verdict}", "", needed
-    )
+    detail = f"{found.version_text} at {found.path}; criu check: {verdict}"
+    return Check("criu", True, f"{detail}; {page_mapping(found)}", "", needed)
+
+
+def page_mapping(found: criu_mod.Criu) -> str:
+    """How restores fill memory: mapped page images (fastboot's CRIU patch) or copies."""
+    if not found.maps_pages:
+        return "restores copy pages (no fastboot patch; `fastboot install-criu` builds it)"
+    if envs.copy_pages():
+        return "restores copy pages (FASTBOOT_COPY_PAGES is set)"
+    return "restores map page images copy-on-write (fastboot patch)"
 
 
 def check_io_uring() -> Check:

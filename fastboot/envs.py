@@ -23,6 +23,12 @@ def criu_prefix() -> Path:
     return Path(os.environ.get("FASTBOOT_CRIU_PREFIX") or DEFAULT_CRIU_PREFIX)
 
 
+def copy_pages() -> bool:
+    """FASTBOOT_COPY_PAGES=1: restores read every page of the images into the process, even
+    with a CRIU that can map them copy-on-write (fastboot.snapshot.criu.PAGE_MAPPING)."""
+    return os.environ.get("FASTBOOT_COPY_PAGES", "") not in ("", "0")
+
+
 def log_level() -> str:
     """FASTBOOT_LOG_LEVEL: level of fastboot's own log lines (default INFO)."""
     return os.environ.get("FASTBOOT_LOG_LEVEL", "INFO").upper()

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fastboot.models.tiny import cpu_serve_flags
+from fastboot.supervisor import tree_pids
 from tests.engine_process import log_tail
 
 
@@ -32,6 +33,22 @@ def isolated_flags(size: str = "tiny") -> list[str]:
     flags = cpu_serve_flags(size)
     i = flags.index("--host")
     return flags[:i] + flags[i + 2 :]
+
+
+def memory_kib(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) in KiB summed over pid's process tree."""
+    rss = pss = 0
+    for p in tree_pids(pid):
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                name, _, value = line.partition(":")
+                if name == "Rss":
+                    rss += int(value.split()[0])
+                elif name == "Pss":
+                    pss += int(value.split()[0])
+        except OSError:
+            continue
+    return rss, pss
 
 
 def create_snapshot(model: Path, snapshots: Path, log: Path, timeout_s: float = 900) -> str:

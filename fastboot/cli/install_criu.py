@@ -1,4 +1,5 @@
-"""`fastboot install-criu [--prefix DIR]`: get a CRIU >= 4.2 without replacing the system's libc."""
+"""`fastboot install-criu [--prefix DIR]`: a CRIU >= 4.2, built with fastboot's page-mapping patch
+where possible (provision-criu.sh says how), never replacing the system's libc."""
 
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "router": ("fastboot.cli.router", "Run the fleet's OpenAI-compatible router (--config FILE)."),
     "install-criu": (
         "fastboot.cli.install_criu",
-        "Install CRIU >= 4.2 into a private prefix (root).",
+        "Install CRIU >= 4.2 with fastboot's page-mapping patch into a private prefix (root).",
     ),
 }
 

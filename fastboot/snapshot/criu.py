@@ -6,7 +6,19 @@ kernels >= 6.16 ("Can't get 1:16 opt", SO_PASSCRED). Where the system's criu is 
 `fastboot install-criu` puts Debian unstable's criu with its own loader and libraries in a private
 prefix (the system libc is never replaced); this module finds it there.
 
-Search order: $FASTBOOT_CRIU, then `criu` on PATH if new enough, then the private prefix.
+Search order: $FASTBOOT_CRIU, then `criu` on PATH if new enough, then the private prefix; among
+new enough ones, one with fastboot's patch (below) wins.
+
+Page mapping (fastboot's CRIU patch, patches/criu-mmap-page-image.patch): upstream CRIU restores
+a process's memory by reading every page of the page images into fresh anonymous memory, so a
+restore costs a copy of the image (1.4 GB, 0.7 CPU-seconds for the tiny CPU engine) and K
+restores of one snapshot hold K copies. With `--mmap-page-image` runs of pages are mapped
+MAP_PRIVATE from the image file instead: a restore costs mappings, and every restore of one
+snapshot on a host shares the image's page cache until it writes a page (docs/replicas.md).
+fastboot passes it whenever the CRIU has it, except:
+  - FASTBOOT_COPY_PAGES=1 turns it off;
+  - images on a FUSE filesystem (a snapshot served lazily by ImageFS) are copied: a mapping
+    would tie the restored engine to the FUSE daemon for as long as it runs.
 """
 
 from __future__ import annotations
@@ -37,6 +49,8 @@ class Criu:
     """The executable (may be fastboot's wrapper around a private prefix)."""
     version: tuple[int, int, int]
     """(major, minor, patch) from `criu --version`."""
+    maps_pages: bool = False
+    """It has fastboot's `--mmap-page-image` (see the module doc)."""
 
     @property
     def version_text(self) -> str:
@@ -65,17 +79,26 @@ def parse_version(text: str) -> tuple[int, int, int] | None:
     return int(match[1]), int(match[2]), int(match[3] or 0)
 
 
-def probe(path: str) -> Criu | None:
-    """Run `path --version`; a Criu when it answers with a version, else None."""
+#: The restore option of fastboot's CRIU patch.
+PAGE_MAPPING = "--mmap-page-image"
+
+
+def _output(argv: list[str]) -> str | None:
     try:
-        result = subprocess.run(
-            [path, "--version"], capture_output=True, text=True, timeout=30, check=False
-        )
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        logger.debug("criu at %s does not run: %s", path, exc)
+        logger.debug("%s does not run: %s", argv[0], exc)
         return None
-    version = parse_version(result.stdout)
-    return Criu(path, version) if version else None
+    return result.stdout + result.stderr
+
+
+def probe(path: str) -> Criu | None:
+    """Run `path --version` (and --help, for the patch); a Criu when it answers with a version,
+    else None."""
+    version = parse_version(_output([path, "--version"]) or "")
+    if version is None:
+        return None
+    return Criu(path, version, PAGE_MAPPING in (_output([path, "--help"]) or ""))
 
 
 def candidates() -> list[str]:
@@ -96,7 +119,7 @@ def find_criu() -> Criu:
 
     Raises CriuMissingError naming what was found and how to get a new enough one.
     """
-    seen = []
+    seen, usable = [], []
     for path in candidates():
         criu = probe(path)
         if criu is None:
@@ -104,7 +127,9 @@ def find_criu() -> Criu:
         elif criu.version[:2] < MIN_VERSION:
             seen.append(f"{path} ({criu.version_text}, too old)")
         else:
-            return criu
+            usable.append(criu)
+    if usable:
+        return next((criu for criu in usable if criu.maps_pages), usable[0])
     need = ".".join(map(str, MIN_VERSION))
     found = "; found " + ", ".join(seen) if seen else ""
     raise CriuMissingError(f"fastboot needs criu >= {need}{found}; {INSTALL_HINT}")
@@ -189,6 +214,29 @@ def dump(
     _run_criu(criu, "dump", argv, images, workdir)
 
 
+def on_fuse(path: Path, mounts: Path = Path("/proc/self/mounts")) -> bool:
+    """Whether path lies on a FUSE filesystem (the mount with the longest matching prefix)."""
+    target, best, fstype = os.path.realpath(path), "", ""
+    try:
+        lines = mounts.read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mountpoint = fields[1].replace("\\040", " ")
+        inside = target == mountpoint or target.startswith(mountpoint.rstrip("/") + "/")
+        if inside and len(mountpoint) >= len(best):
+            best, fstype = mountpoint, fields[2]
+    return fstype.startswith("fuse") and fstype != "fusectl"  # fuse, fuse.NAME, fuseblk
+
+
+def maps_pages(criu: Criu, images: Path) -> bool:
+    """Whether a restore of images maps its pages instead of copying them (module doc)."""
+    return criu.maps_pages and not envs.copy_pages() and not on_fuse(images)
+
+
 def restore(
     criu: Criu,
     images: Path,
@@ -202,6 +250,8 @@ def restore(
     a new pipe). Returns the restored root's pid (a child of the nearest subreaper)."""
     pidfile = workdir / "restored.pid"
     argv = ["--restore-detached", "--pidfile", str(pidfile)]
+    if maps_pages(criu, images):
+        argv.append(PAGE_MAPPING)
     argv += ["--inherit-fd", f"fd[{stdio_fd}]:{stdio_pipe}", *extra]
     fds = (stdio_fd, *pass_fds)
     _run_criu(criu, "restore", argv, images, workdir, pass_fds=fds)

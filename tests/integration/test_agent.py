@@ -16,8 +16,9 @@ import pytest
 
 from fastboot import netns
 from fastboot.agent.cgroups import ReplicaCgroup
+from fastboot.snapshot import criu as criu_mod
 from fastboot.snapshot.store import Store
-from tests.agents import Agent, agent_process, start_agent
+from tests.agents import Agent, agent_process, memory_kib, start_agent
 from tests.engine_process import processes_mentioning
 
 pytestmark = pytest.mark.integration
@@ -114,6 +115,13 @@ def test_three_replicas_of_one_snapshot_serve_independently(
             complete(replica, f"request for replica {i}")
     served = [success_count(str(r["base_url"])) - b for r, b in zip(replicas, before, strict=True)]
     assert served == [1, 2, 3]
+    # With fastboot's CRIU patch the replicas map the snapshot's page images copy-on-write:
+    # what no replica wrote is held once, so each one's proportional share (PSS) is well below
+    # its resident size. Copied pages would make the two equal.
+    if criu_mod.find_criu().maps_pages:
+        for replica in replicas:
+            rss, pss = memory_kib(int(replica["pid"]))
+            assert pss < 0.75 * rss, (replica["id"], rss, pss)
 
     # Kill one: the agent notices within seconds and cleans its namespace; the others serve on.
     victim, *others = replicas

@@ -77,3 +77,56 @@ def test_find_criu_refuses_old_and_says_how_to_fix(
     monkeypatch.setenv("FASTBOOT_CRIU", str(old) + "-missing")
     with pytest.raises(criu.CriuMissingError, match="does not run"):
         criu.find_criu()
+
+
+def _fake(tmp_path: Path, name: str, help_text: str) -> str:
+    path = tmp_path / name
+    path.write_text(
+        f"#!/bin/sh\n[ \"$1\" = --help ] && {{ echo '{help_text}'; exit 0; }}\n"
+        "echo 'Version: 4.2.1'\n"
+    )
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_probe_sees_the_page_mapping_patch(tmp_path: Path) -> None:
+    patched = criu.probe(_fake(tmp_path, "patched", "  --mmap-page-image  map pages"))
+    plain = criu.probe(_fake(tmp_path, "plain", "  --auto-dedup  dedup"))
+    assert patched is not None and patched.maps_pages
+    assert plain is not None and not plain.maps_pages and plain.version == (4, 2, 1)
+
+
+def test_find_criu_prefers_the_patched_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    plain = _fake(tmp_path, "plain", "no patch")
+    patched = _fake(tmp_path, "patched", "--mmap-page-image")
+    monkeypatch.setattr(criu, "candidates", lambda: [plain, patched])
+    assert criu.find_criu().path == patched
+    monkeypatch.setattr(criu, "candidates", lambda: [plain])
+    assert criu.find_criu().path == plain
+
+
+def test_restores_map_pages_unless_told_or_on_fuse(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    patched = criu.Criu("criu", (4, 2, 1), maps_pages=True)
+    monkeypatch.delenv("FASTBOOT_COPY_PAGES", raising=False)
+    assert criu.maps_pages(patched, tmp_path)
+    assert not criu.maps_pages(criu.Criu("criu", (4, 2, 1)), tmp_path)
+    monkeypatch.setenv("FASTBOOT_COPY_PAGES", "1")
+    assert not criu.maps_pages(patched, tmp_path)
+    assert "FASTBOOT_COPY_PAGES" in doctor.page_mapping(patched)
+    monkeypatch.delenv("FASTBOOT_COPY_PAGES")
+    assert "copy-on-write" in doctor.page_mapping(patched)
+    assert "fastboot install-criu" in doctor.page_mapping(criu.Criu("criu", (4, 2, 1)))
+    mounts = tmp_path / "mounts"
+    mounts.write_text(
+        "/dev/vda / ext4 rw 0 0\n"
+        f"fastboot-image {tmp_path}/store fuse.fastboot-image ro 0 0\n"
+        f"fastboot-image {tmp_path}/storage fuse.other ro 0 0\n"
+    )
+    assert criu.on_fuse(tmp_path / "store" / "snap" / "images", mounts)
+    assert criu.on_fuse(tmp_path / "storage", mounts)
+    assert not criu.on_fuse(tmp_path / "stor", mounts)
+    assert not criu.on_fuse(tmp_path / "elsewhere", mounts)
