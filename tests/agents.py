@@ -51,6 +51,18 @@ def memory_kib(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by pid's process tree (its live processes)."""
+    total = 0
+    for p in tree_pids(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def create_snapshot(model: Path, snapshots: Path, log: Path, timeout_s: float = 900) -> str:
     """`fastboot snapshot create` of model into snapshots; returns the snapshot id."""
     argv = [sys.executable, "-m", "fastboot", "snapshot", "--dir", str(snapshots), "create"]

@@ -4,8 +4,10 @@
 #   tests/gpu/run.sh            exit 0 pass, 1 a check failed, 2 set-up missing, 77 no GPU (dry run)
 #
 # CRIU: a system criu >= 4.2, else a private prefix carried with the tree at .cache/criu
-# (on the dev machine: `cp -a /opt/fastboot/criu .cache/criu`, then carry ".cache/criu"), else
-# /opt/fastboot/criu. The prefix's bin/criu wrapper names absolute paths, so a wrapper for
+# (on the dev machine: `FASTBOOT_CRIU_BUILD=0 bash fastboot/snapshot/provision-criu.sh
+# .cache/criu`, Debian's CRIU with its own libraries, which runs on any glibc host; the patched
+# build links the dev machine's libraries), then carry ".cache/criu"), else /opt/fastboot/criu.
+# The prefix's bin/criu wrapper names absolute paths, so a wrapper for
 # wherever the prefix is now is written to a temp dir and handed over as FASTBOOT_CRIU.
 # Results: printed, and written to $OUT/gpu_checkpoint.json when $OUT is set.
 set -uo pipefail

@@ -96,9 +96,7 @@ def test_probe_sees_the_page_mapping_patch(tmp_path: Path) -> None:
     assert plain is not None and not plain.maps_pages and plain.version == (4, 2, 1)
 
 
-def test_find_criu_prefers_the_patched_one(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_find_criu_prefers_the_patched_one(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     plain = _fake(tmp_path, "plain", "no patch")
     patched = _fake(tmp_path, "patched", "--mmap-page-image")
     monkeypatch.setattr(criu, "candidates", lambda: [plain, patched])
