@@ -180,15 +180,25 @@ def parallel_restore_phase(path: Path, single: Phase) -> Phase | None:
     top = max(rows, key=lambda r: r["k"])
     if one is None or top["k"] == 1:
         return None
-    ratio = float(top["restore_median_s"]) / float(one["restore_median_s"])
+    top_s, one_s = restore_median_s(top), restore_median_s(one)
+    ratio = top_s / one_s
     cpus = doc.get("host", {}).get("cpus", "?")
     return Phase(
         single.seconds * ratio,
         "derived",
         f"{path.name}: {top['k']} tiny-model replicas restored at once took {ratio:.2f}x one "
-        f"({top['restore_median_s']:.2f} s vs {one['restore_median_s']:.2f} s, {cpus} CPU cores "
+        f"({top_s:.2f} s vs {one_s:.2f} s, {cpus} CPU cores "
         "shared: an upper bound for a GPU host), times the 1 GiB restore above",
     )
+
+
+def restore_median_s(row: dict[str, Any]) -> float:
+    """A replicas.json row's median restore: page images mapped (fastboot's default) where the
+    run had the patched CRIU, else copied; older results have one flat value."""
+    for mode in ("mapped", "copied"):
+        if mode in row:
+            return float(row[mode]["restore_median_s"])
+    return float(row["restore_median_s"])
 
 
 @dataclass(frozen=True)
