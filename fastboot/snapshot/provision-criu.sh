@@ -34,12 +34,18 @@ version_ok() {  # version_ok CRIU_COMMAND... -> 0 when it prints "Version: X.Y" 
 maps_pages() {  # maps_pages CRIU_COMMAND... -> 0 when it has fastboot's --mmap-page-image
     "$@" --help 2>&1 | grep -q -- '--mmap-page-image'
 }
+# In a checkout: patches/; installed: the package fastboot_patches next to fastboot/.
+patch=$(ls "$here/../../patches/criu-mmap-page-image.patch" \
+           "$here/../../fastboot_patches/criu-mmap-page-image.patch" 2>/dev/null | head -1 || true)
+# The prefix records which patch it was built with, so a changed patch is rebuilt.
+patch_sum=$([ -n "$patch" ] && sha256sum "$patch" | cut -c1-64 || true)
 
 if command -v criu >/dev/null && version_ok criu && maps_pages criu; then
     echo "provision-criu: system $(command -v criu) is new enough and patched"
     exit 0
 fi
-if [ -x "$prefix/bin/criu" ] && version_ok "$prefix/bin/criu" && maps_pages "$prefix/bin/criu"; then
+if [ -x "$prefix/bin/criu" ] && version_ok "$prefix/bin/criu" && maps_pages "$prefix/bin/criu" \
+   && [ "$(cat "$prefix/fastboot-patch.sha256" 2>/dev/null)" = "$patch_sum" ]; then
     echo "provision-criu: $prefix/bin/criu is ready ($("$prefix/bin/criu" --version | head -1), patched)"
     exit 0
 fi
@@ -71,10 +77,7 @@ build_deps=(gcc make pkg-config xz-utils patch curl protobuf-c-compiler libproto
             libprotobuf-dev protobuf-compiler libnl-3-dev libcap-dev libnet1-dev libbsd-dev
             uuid-dev libnftables-dev libgnutls28-dev)
 build_patched() {
-    local patch uri file size sum missing=() pkg
-    # In a checkout: patches/; installed: the package fastboot_patches next to fastboot/.
-    patch=$(ls "$here/../../patches/criu-mmap-page-image.patch" \
-               "$here/../../fastboot_patches/criu-mmap-page-image.patch" 2>/dev/null | head -1)
+    local uri file size sum missing=() pkg
     [ -n "$patch" ] || { echo "provision-criu: fastboot's CRIU patch not found" >&2; return 1; }
     for pkg in "${build_deps[@]}"; do
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -107,6 +110,7 @@ build_patched() {
     rm -rf "$staging"
     mkdir -p "$staging/bin"
     install -m 0755 "$work/src/criu/criu" "$staging/bin/criu"
+    echo "$patch_sum" > "$staging/fastboot-patch.sha256"
     { version_ok "$staging/bin/criu" && maps_pages "$staging/bin/criu"; } \
         || { echo "provision-criu: the built criu does not run" >&2; return 1; }
     rm -rf "$prefix"
