@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from fastboot.snapshot.criu import find_criu
+
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(os.geteuid() != 0, reason="CRIU, namespaces and FUSE mounts need root"),
@@ -34,6 +36,9 @@ def test_criu_is_new_enough_and_its_check_passes(report: dict[str, dict[str, obj
     version = str(criu["detail"]).split()[0]
     assert tuple(int(x) for x in version.split(".")[:2]) >= (4, 2)
     assert "criu check: Looks good." in str(criu["detail"])
+    # It says how restores fill memory, matching the CRIU fastboot will use.
+    mapped = "restores map page images copy-on-write" in str(criu["detail"])
+    assert mapped == find_criu().maps_pages, criu["detail"]
 
 
 def test_fuse_is_usable(report: dict[str, dict[str, object]]) -> None:
