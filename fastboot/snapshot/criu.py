@@ -3,8 +3,9 @@
 fastboot needs CRIU >= 4.2 on kernels >= 6.x (facts measured here, see FACTS.md):
 criu 3.17 fails with "Unexpected rt vDSO area bounds", and 4.1.1 cannot dump TCP sockets on
 kernels >= 6.16 ("Can't get 1:16 opt", SO_PASSCRED). Where the system's criu is older,
-`fastboot install-criu` puts Debian unstable's criu with its own loader and libraries in a private
-prefix (the system libc is never replaced); this module finds it there.
+`fastboot install-criu` builds one with fastboot's patch (below) into a private prefix, or where
+that fails unpacks Debian unstable's criu there with its own loader and libraries (the system
+libc is never replaced; provision-criu.sh); this module finds it there.
 
 Search order: $FASTBOOT_CRIU, then `criu` on PATH if new enough, then the private prefix; among
 new enough ones, one with fastboot's patch (below) wins.
