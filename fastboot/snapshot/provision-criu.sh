@@ -56,7 +56,8 @@ trap 'rm -rf "$work"' EXIT
 
 private_apt() {  # private_apt TYPE: apt_opts for a private index of Debian $suite (deb, deb-src)
     local dir="$work/apt-$1"
-    mkdir -p "$dir"/etc/sources.list.d "$dir"/state/lists/partial "$dir"/cache/archives/partial
+    mkdir -p "$dir"/etc/sources.list.d "$dir"/etc/preferences.d "$dir"/state/lists/partial \
+             "$dir"/cache/archives/partial
     touch "$dir"/state/status
     cat > "$dir"/etc/sources.list.d/criu.sources <<SRC
 Types: $1
