@@ -119,45 +119,32 @@ def restores(agent: Agent, snapshot_id: str, k: int) -> tuple[float, list[dict[s
     return time.monotonic() - start, ready
 
 
-def restore_rows(agent: Agent, snapshot_id: str, k: int, runs: int) -> dict[str, object]:
-    """runs restores of k replicas through agent: times, their median, memory per replica."""
-    times, memory = [], []
-    for _ in range(runs):
-        elapsed, ready = restores(agent, snapshot_id, k)
-        times.append(elapsed)
-        memory = [memory_kib(int(str(r["pid"]))) for r in ready]
-        for replica in ready:
-            agent.ok("DELETE", f"/v1/replicas/{replica['id']}")
-    return {
-        "restores_s": times,
-        "restore_median_s": statistics.median(times),
-        "rss_mib_per_replica": statistics.mean(m[0] for m in memory) / 1024,
-        "pss_mib_per_replica": statistics.mean(m[1] for m in memory) / 1024,
-    }
+def restore_once(agent: Agent, snapshot_id: str, k: int) -> tuple[float, list[tuple[int, int]]]:
+    """One restore of k replicas through agent: its seconds and each replica's (RSS, PSS) KiB;
+    the replicas are stopped afterwards."""
+    elapsed, ready = restores(agent, snapshot_id, k)
+    memory = [memory_kib(int(str(r["pid"]))) for r in ready]
+    for replica in ready:
+        agent.ok("DELETE", f"/v1/replicas/{replica['id']}")
+    return elapsed, memory
 
 
 def start_agents(work: Path, slots: int, mapped: bool) -> dict[str, Agent]:
     """One agent per way of filling memory: "copied" (FASTBOOT_COPY_PAGES=1) and, with the
     patched CRIU, "mapped"."""
-    agents = {}
-    modes = ["copied", "mapped"] if mapped else ["copied"]
-    for mode in modes:
-        saved = os.environ.get("FASTBOOT_COPY_PAGES")
-        os.environ["FASTBOOT_COPY_PAGES"] = "1" if mode == "copied" else "0"
-        try:
-            agents[mode] = start_agent(
-                work / "snapshots",
-                work / f"state-{mode}",
-                work / f"agent-{mode}.log",
-                name={"copied": "bcopy", "mapped": "bmap"}[mode],
-                slots=slots,
-            )
-        finally:
-            if saved is None:
-                del os.environ["FASTBOOT_COPY_PAGES"]
-            else:
-                os.environ["FASTBOOT_COPY_PAGES"] = saved
-    return agents
+    modes = {"copied": ("bcopy", "1"), "mapped": ("bmap", "0")}
+    return {
+        mode: start_agent(
+            work / "snapshots",
+            work / f"state-{mode}",
+            work / f"agent-{mode}.log",
+            name=name,
+            slots=slots,
+            prefix=["env", f"FASTBOOT_COPY_PAGES={copy}"],
+        )
+        for mode, (name, copy) in modes.items()
+        if mapped or mode == "copied"
+    }
 
 
 def main() -> int:
@@ -180,18 +167,19 @@ def main() -> int:
                 cold = cold_boots(model, k, work / "cold.log")
                 row: dict[str, Any] = {"k": k, "cold_boots_s": cold}
                 # One run at a time per mode, alternating, so drift hits both alike.
-                per_mode: dict[str, list[dict[str, object]]] = {m: [] for m in agents}
+                runs: dict[str, list[tuple[float, list[tuple[int, int]]]]] = {m: [] for m in agents}
                 for _ in range(args.runs):
                     for mode, agent in agents.items():
-                        per_mode[mode].append(restore_rows(agent, snapshot_id, k, 1))
-                for mode, rows in per_mode.items():
-                    times = [float(str(r["restore_median_s"])) for r in rows]
+                        runs[mode].append(restore_once(agent, snapshot_id, k))
+                for mode, measured in runs.items():
+                    times = [seconds for seconds, _ in measured]
+                    memory = measured[-1][1]
                     row[mode] = {
                         "restores_s": times,
                         "restore_median_s": statistics.median(times),
                         "speedup": cold / statistics.median(times),
-                        "rss_mib_per_replica": rows[-1]["rss_mib_per_replica"],
-                        "pss_mib_per_replica": rows[-1]["pss_mib_per_replica"],
+                        "rss_mib_per_replica": statistics.mean(m[0] for m in memory) / 1024,
+                        "pss_mib_per_replica": statistics.mean(m[1] for m in memory) / 1024,
                     }
                     print(f"K={k} {mode}: {cold:.1f} s cold, restores {times}", flush=True)
                 results.append(row)

@@ -24,6 +24,7 @@ fastboot passes it whenever the CRIU has it, except:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -95,7 +96,21 @@ def _output(argv: list[str]) -> str | None:
 
 def probe(path: str) -> Criu | None:
     """Run `path --version` (and --help, for the patch); a Criu when it answers with a version,
-    else None."""
+    else None. Remembered per file version: every restore looks CRIU up again (an agent's K
+    restores too), and two runs of it per candidate would cost each one ~10 ms."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return _probe(path)
+    return _probe_file(path, st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+@functools.lru_cache(maxsize=16)
+def _probe_file(path: str, mtime_ns: int, size: int, inode: int) -> Criu | None:
+    return _probe(path)
+
+
+def _probe(path: str) -> Criu | None:
     version = parse_version(_output([path, "--version"]) or "")
     if version is None:
         return None
