@@ -117,6 +117,9 @@ def test_mapped_restores_see_the_dump_and_keep_their_writes_private(
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        # Its own session: CRIU refuses a tree whose session leader it cannot see, as where the
+        # test runner's session began outside this pid namespace (CI containers).
+        start_new_session=True,
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline() == b"ready\n"
