@@ -9,7 +9,10 @@ In one run, for K in --ks (default 1,2,4):
      patch, the default) and every page copied (an agent started with FASTBOOT_COPY_PAGES=1,
      which is what upstream CRIU does). Without the patched CRIU only the copied rows are run;
   3. memory per restored replica: RSS and PSS summed over each replica's processes (PSS counts a
-     page shared by N processes as 1/N: what a replica really costs the host).
+     page shared by N processes as 1/N: what a replica really costs the host);
+  4. the host's busy CPU-seconds from the POST until all answered (/proc/stat, every process:
+     CRIU, the restored engines, the agent, this client). Divided by the host's cores it is the
+     floor under the wall time of K restores on this host, whatever the code does in parallel.
 
 Prints a table with medians and ratios; writes benchmarks/results/replicas.json.
 
@@ -100,6 +103,15 @@ def with_kill(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+def busy_cpu_s() -> float:
+    """CPU-seconds the host has spent busy since boot, all cores (user+nice+system+irq+softirq
+    +steal from /proc/stat)."""
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:9]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def restores(agent: Agent, snapshot_id: str, k: int) -> tuple[float, list[dict[str, object]]]:
     """Seconds from one POST of k replicas until all answered; the replicas (still running).
     Each replica is awaited and asked by a client of its own, as k independent users would."""
@@ -119,14 +131,18 @@ def restores(agent: Agent, snapshot_id: str, k: int) -> tuple[float, list[dict[s
     return time.monotonic() - start, ready
 
 
-def restore_once(agent: Agent, snapshot_id: str, k: int) -> tuple[float, list[tuple[int, int]]]:
-    """One restore of k replicas through agent: its seconds and each replica's (RSS, PSS) KiB;
-    the replicas are stopped afterwards."""
+def restore_once(
+    agent: Agent, snapshot_id: str, k: int
+) -> tuple[float, float, list[tuple[int, int]]]:
+    """One restore of k replicas through agent: its seconds, the host's busy CPU-seconds
+    meanwhile, and each replica's (RSS, PSS) KiB; the replicas are stopped afterwards."""
+    cpu_before = busy_cpu_s()
     elapsed, ready = restores(agent, snapshot_id, k)
+    cpu = busy_cpu_s() - cpu_before
     memory = [memory_kib(int(str(r["pid"]))) for r in ready]
     for replica in ready:
         agent.ok("DELETE", f"/v1/replicas/{replica['id']}")
-    return elapsed, memory
+    return elapsed, cpu, memory
 
 
 def start_agents(work: Path, slots: int, mapped: bool) -> dict[str, Agent]:
@@ -167,16 +183,22 @@ def main() -> int:
                 cold = cold_boots(model, k, work / "cold.log")
                 row: dict[str, Any] = {"k": k, "cold_boots_s": cold}
                 # One run at a time per mode, alternating, so drift hits both alike.
-                runs: dict[str, list[tuple[float, list[tuple[int, int]]]]] = {m: [] for m in agents}
+                runs: dict[str, list[tuple[float, float, list[tuple[int, int]]]]] = {
+                    m: [] for m in agents
+                }
                 for _ in range(args.runs):
                     for mode, agent in agents.items():
                         runs[mode].append(restore_once(agent, snapshot_id, k))
                 for mode, measured in runs.items():
-                    times = [seconds for seconds, _ in measured]
-                    memory = measured[-1][1]
+                    times = [seconds for seconds, _, _ in measured]
+                    cpu = statistics.median(cpu for _, cpu, _ in measured)
+                    memory = measured[-1][2]
                     row[mode] = {
                         "restores_s": times,
                         "restore_median_s": statistics.median(times),
+                        "cpu_median_s": cpu,
+                        "cpu_s_per_replica": cpu / k,
+                        "cpu_floor_s": cpu / (os.cpu_count() or 1),
                         "speedup": cold / statistics.median(times),
                         "rss_mib_per_replica": statistics.mean(m[0] for m in memory) / 1024,
                         "pss_mib_per_replica": statistics.mean(m[1] for m in memory) / 1024,
@@ -208,7 +230,7 @@ def print_table(results: list[dict[str, Any]], modes: list[str]) -> None:
     one = {m: next((r[m]["restore_median_s"] for r in results if r["k"] == 1), None) for m in modes}
     print(
         f"\n{'K':>2} {'mode':>7} {'K cold boots':>13} {'K restores':>11} {'speedup':>8} "
-        f"{'vs K=1':>7} {'RSS/replica':>12} {'PSS/replica':>12}"
+        f"{'vs K=1':>7} {'CPU-s':>6} {'floor':>6} {'RSS/replica':>12} {'PSS/replica':>12}"
     )
     for r in results:
         for mode in modes:
@@ -218,6 +240,7 @@ def print_table(results: list[dict[str, Any]], modes: list[str]) -> None:
             print(
                 f"{r['k']:>2} {mode:>7} {r['cold_boots_s']:>12.1f}s "
                 f"{m['restore_median_s']:>10.2f}s {m['speedup']:>7.1f}x {versus:>7} "
+                f"{m['cpu_median_s']:>6.2f} {m['cpu_floor_s']:>5.2f}s "
                 f"{m['rss_mib_per_replica']:>9.0f} MiB {m['pss_mib_per_replica']:>9.0f} MiB"
             )
     if "mapped" in modes:
@@ -226,6 +249,10 @@ def print_table(results: list[dict[str, Any]], modes: list[str]) -> None:
                 r["copied"]["restore_median_s"] / r["mapped"]["restore_median_s"]
             )
             print(f"K={r['k']}: mapped restores {r['mapped_vs_copied']:.1f}x faster than copied")
+    print(
+        f"CPU-s: the host's busy CPU-seconds per K restores; floor: CPU-s / {os.cpu_count()} cores,"
+        " the least wall time those CPU-seconds need here"
+    )
 
 
 if __name__ == "__main__":
