@@ -186,6 +186,10 @@ def bench_size(size: str, runs: int, work: Path) -> dict[str, object]:
     # The KV cache is sized to the need, so the image holds no cache worth rebuilding.
     flags = cpu_serve_flags(size)
     plain = [vllm, "serve", str(model), "--port", str(port), *flags]
+    # Plain vLLM's ZMQ ipc sockets go to the work dir (its default, /tmp, keeps them).
+    rpc_dir = work / "rpc"
+    rpc_dir.mkdir(exist_ok=True)
+    plain_env = {"VLLM_RPC_BASE_PATH": str(rpc_dir)}
     fastboot = [
         sys.executable,
         "-m",
@@ -200,7 +204,7 @@ def bench_size(size: str, runs: int, work: Path) -> dict[str, object]:
     ]
     log = work / f"{size}.log"
     print(f"[{size}] warming the compile cache with one plain boot", flush=True)
-    timed_boot(plain, port, str(model), log, signal.SIGTERM)
+    timed_boot(plain, port, str(model), log, signal.SIGTERM, extra_env=plain_env)
     print(f"[{size}] making the snapshot (fastboot cold boot)", flush=True)
     first_s = timed_boot(fastboot, port, str(model), log, signal.SIGINT, snapshots)
     (manifest,) = Store(snapshots).list()
@@ -208,7 +212,9 @@ def bench_size(size: str, runs: int, work: Path) -> dict[str, object]:
     baseline, restore, copied, phases, copied_phases = [], [], [], [], []
     ready = "restored snapshot"
     for i in range(runs):
-        baseline.append(timed_boot(plain, port, str(model), log, signal.SIGTERM))
+        baseline.append(
+            timed_boot(plain, port, str(model), log, signal.SIGTERM, extra_env=plain_env)
+        )
         for times, phase_list, env in (
             (restore, phases, {"FASTBOOT_COPY_PAGES": "0"}),
             (copied, copied_phases, {"FASTBOOT_COPY_PAGES": "1"}),

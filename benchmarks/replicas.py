@@ -69,16 +69,22 @@ def answered(base_url: str, model: str) -> bool:
 
 
 def cold_boots(model: Path, k: int, log: Path) -> float:
-    """Seconds until k plain `vllm serve` started at once have all answered."""
+    """Seconds until k plain `vllm serve` started at once have all answered. Their ZMQ ipc
+    sockets go next to the log (vLLM's default, /tmp, keeps them after the servers stop)."""
     vllm = str(Path(sys.executable).with_name("vllm"))
     ports = [free_port() for _ in range(k)]
+    rpc_dir = log.parent / "rpc"
+    rpc_dir.mkdir(exist_ok=True)
+    env = {**os.environ, "VLLM_RPC_BASE_PATH": str(rpc_dir)}
     procs = []
     start = time.monotonic()
     with log.open("ab") as out:
         for port in ports:
             argv = [vllm, "serve", str(model), "--port", str(port), *cpu_serve_flags("tiny")]
             procs.append(
-                subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                subprocess.Popen(
+                    argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                )
             )
     try:
         pending = set(ports)

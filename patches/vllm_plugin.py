@@ -1,8 +1,17 @@
 """vLLM general plugin (entry point group `vllm.general_plugins`).
 
 vLLM calls `register()` in every process of the engine tree (API server, EngineCore, workers).
-It proves it ran (fastboot checks the report), and on CPU it shortens the shared-memory
-readers' spin (below).
+It proves it ran (fastboot checks the report), keeps the engine's torch.distributed file store
+out of /tmp (below), and on CPU it shortens the shared-memory readers' spin (below).
+
+The file store: every vLLM engine rendezvous through a FileStore file
+`tempfile.gettempdir()/vllm_dist_<uuid>`, which torch deletes only when the store object is
+destroyed, and an engine that is stopped, or dumped, never gets there: every boot left one in
+/tmp. fastboot gives its engines a run directory of their own for their ZMQ sockets
+(VLLM_RPC_BASE_PATH, emptied before each boot and removed at exit); the store goes there too.
+It is only read while the engine initialises, so a restored engine never needs it again (a
+restore starts from an emptied directory). Moving TMPDIR instead would move torch inductor's
+compile cache with it.
 
 The spin: vLLM's shared-memory message queue (`shm_broadcast.SpinCondition`) keeps each reader
 — the worker waiting for the next step, the EngineCore waiting for the worker's output —
@@ -19,6 +28,9 @@ for its next message, on an engine whose CPU steps take milliseconds.
 from __future__ import annotations
 
 import functools
+import os
+import sys
+import uuid
 from typing import Any
 
 from .report import launched_by_fastboot, report_loaded
@@ -31,6 +43,8 @@ def register() -> None:
     if not launched_by_fastboot():
         return
     report_loaded("vllm")
+    if run_dir := os.environ.get("VLLM_RPC_BASE_PATH"):
+        keep_file_store_in(run_dir)
     if _on_cpu():
         limit_reader_spin(CPU_READER_SPIN_S)
 
@@ -65,4 +79,34 @@ def limit_reader_spin(seconds: float) -> bool:
 
     __init__._fastboot_spin_s = seconds  # type: ignore[attr-defined]
     spin.__init__ = __init__
+    return True
+
+
+#: vLLM modules that bind get_file_store_init_method by name when imported.
+FILE_STORE_USERS = ("vllm.v1.executor.multiproc_executor", "vllm.v1.executor.uniproc_executor")
+
+
+def keep_file_store_in(directory: str) -> bool:
+    """Make vLLM's file-store rendezvous file live in directory; idempotent. False when this
+    vLLM has no get_file_store_init_method (nothing to change)."""
+    try:
+        from vllm.utils import network_utils
+    except ImportError:
+        return False
+    original = getattr(network_utils, "get_file_store_init_method", None)
+    if original is None:
+        return False
+    if getattr(original, "_fastboot_dir", None) is not None:
+        return True
+
+    def get_file_store_init_method() -> str:
+        return f"file://{directory}/vllm_dist_{uuid.uuid4().hex}"
+
+    get_file_store_init_method._fastboot_dir = directory  # type: ignore[attr-defined]
+    network_utils.get_file_store_init_method = get_file_store_init_method
+    # Modules imported before this plugin ran hold the original by name; later ones import ours.
+    for name in FILE_STORE_USERS:
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "get_file_store_init_method"):
+            module.get_file_store_init_method = get_file_store_init_method  # type: ignore[attr-defined]
     return True

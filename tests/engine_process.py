@@ -11,9 +11,11 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -51,10 +53,14 @@ def http_get_json(url: str, timeout: float = 5.0) -> object:
 class EngineProcess:
     """A running server child; `url` is its base URL (http://127.0.0.1:PORT)."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[bytes], url: str, log: Path, rpc_dir: Path | None = None
+    ) -> None:
         self.proc = proc
         self.url = url
         self.log = log
+        self.rpc_dir = rpc_dir
+        """Where a vLLM child binds its ZMQ ipc sockets (removed when it stops)."""
 
     def wait_ready(self, deadline_s: float) -> float:
         """Poll /health then /v1/models until both answer; returns seconds waited."""
@@ -106,22 +112,28 @@ def engine_process(
     env: Mapping[str, str] | None = None,
     ready_deadline_s: float = 600.0,
 ) -> Iterator[EngineProcess]:
-    """Start `argv`, wait until it serves on 127.0.0.1:`port`, yield it, always stop it."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-            start_new_session=True,
-        )
-    server = EngineProcess(proc, f"http://127.0.0.1:{port}", log)
+    """Start `argv`, wait until it serves on 127.0.0.1:`port`, yield it, always stop it.
+    vLLM binds its ZMQ ipc sockets in a directory of this run's own (VLLM_RPC_BASE_PATH), removed
+    afterwards: in its default, /tmp, every stopped server leaves them behind."""
+    rpc_dir = Path(tempfile.mkdtemp(prefix="vllm-rpc-"))
     try:
-        server.wait_ready(ready_deadline_s)
-        yield server
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "VLLM_RPC_BASE_PATH": str(rpc_dir), **(env or {})},
+                start_new_session=True,
+            )
+        server = EngineProcess(proc, f"http://127.0.0.1:{port}", log, rpc_dir)
+        try:
+            server.wait_ready(ready_deadline_s)
+            yield server
+        finally:
+            server.stop()
     finally:
-        server.stop()
+        shutil.rmtree(rpc_dir, ignore_errors=True)
 
 
 def processes_mentioning(needle: str) -> list[str]:

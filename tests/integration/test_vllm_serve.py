@@ -86,3 +86,14 @@ def test_fastboot_plugin_loaded_in_the_engine_processes(
     # The API server and the EngineCore process each load general plugins.
     assert len(pids) >= 2, lines
     assert str(vllm_server.proc.pid) in pids
+
+
+def test_run_files_stay_in_the_runs_own_directory(vllm_server: EngineProcess) -> None:
+    """The run directory (VLLM_RPC_BASE_PATH, as fastboot gives its engines) holds vLLM's ZMQ
+    ipc sockets and, moved there by fastboot's plugin, its torch.distributed file store: in
+    /tmp, where vLLM puts both by default, every stopped server leaves them behind."""
+    assert vllm_server.rpc_dir is not None
+    entries = list(vllm_server.rpc_dir.iterdir())
+    assert [p for p in entries if p.is_socket()], f"no ipc sockets in {vllm_server.rpc_dir}"
+    stores = [p for p in entries if p.name.startswith("vllm_dist_")]
+    assert len(stores) == 1, f"the file store is not in {vllm_server.rpc_dir}: {entries}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 #: Runs in a fresh interpreter so the patch does not leak into other tests.
 PROBE = """
@@ -31,3 +32,34 @@ def test_reader_spin_is_limited_once_and_explicit_values_win() -> None:
     assert before == 1.0  # vLLM's own default, which the plugin changes on CPU
     assert after == 0.02
     assert explicit == 3.0
+
+
+#: The executor is imported first, as in an engine where it was loaded before the plugin ran.
+FILE_STORE_PROBE = """
+import sys
+from vllm.v1.executor import multiproc_executor
+from vllm.utils import network_utils
+from fastboot_patches import vllm_plugin
+
+directory = sys.argv[1]
+assert vllm_plugin.keep_file_store_in(directory)
+assert vllm_plugin.keep_file_store_in("/elsewhere")  # idempotent: the first directory stays
+print(network_utils.get_file_store_init_method())
+print(multiproc_executor.get_file_store_init_method())
+print(network_utils.get_file_store_init_method())
+"""
+
+
+def test_file_store_moves_to_the_run_directory_in_modules_already_imported(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", FILE_STORE_PROBE, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    first, executor, second = result.stdout.split()[-3:]
+    for url in (first, executor, second):
+        assert url.startswith(f"file://{tmp_path}/vllm_dist_"), url
+    assert len({first, executor, second}) == 3  # a fresh name per engine, as vLLM makes them
