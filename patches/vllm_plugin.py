@@ -2,7 +2,16 @@
 
 vLLM calls `register()` in every process of the engine tree (API server, EngineCore, workers).
 It proves it ran (fastboot checks the report), keeps the engine's torch.distributed file store
-out of /tmp (below), and on CPU it shortens the shared-memory readers' spin (below).
+out of /tmp, makes vLLM read its own /proc entry in a pid namespace, and on CPU it shortens the
+shared-memory readers' spin (each below).
+
+Its own /proc entry: fastboot starts a (non-isolated) engine as pid 1 of a pid namespace of its
+own but leaves it the host's /proc (a /proc of its own would need a mount namespace in every
+snapshot). vLLM's CPU executor reads `/proc/{os.getpid()}/status` for its NUMA memory affinity:
+inside the namespace that is a small number, naming some other process of the host, or none. In
+a container (whose /proc is the container's) the engine then failed to start with
+`FileNotFoundError: /proc/15/status`. `/proc/self` always names the reader, so the plugin reads
+that.
 
 The file store: every vLLM engine rendezvous through a FileStore file
 `tempfile.gettempdir()/vllm_dist_<uuid>`, which torch deletes only when the store object is
@@ -45,6 +54,7 @@ def register() -> None:
     report_loaded("vllm")
     if run_dir := os.environ.get("VLLM_RPC_BASE_PATH"):
         keep_file_store_in(run_dir)
+    read_own_proc_status()
     if _on_cpu():
         limit_reader_spin(CPU_READER_SPIN_S)
 
@@ -109,4 +119,32 @@ def keep_file_store_in(directory: str) -> bool:
         module = sys.modules.get(name)
         if module is not None and hasattr(module, "get_file_store_init_method"):
             module.get_file_store_init_method = get_file_store_init_method  # type: ignore[attr-defined]
+    return True
+
+
+def read_own_proc_status() -> bool:
+    """Make vLLM's get_memory_affinity() of this process read /proc/self/status; idempotent.
+    False when this vLLM has no such function (nothing to change)."""
+    try:
+        from vllm.utils import cpu_resource_utils
+    except ImportError:
+        return False
+    original = getattr(cpu_resource_utils, "get_memory_affinity", None)
+    if original is None:
+        return False
+    if getattr(original, "_fastboot_self", False):
+        return True
+
+    @functools.wraps(original)
+    def get_memory_affinity(pid: int = 0) -> list[int]:
+        if pid not in (0, os.getpid()):
+            return list(original(pid))
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Mems_allowed_list:"):
+                    return list(cpu_resource_utils.parse_id_list(line.split(":", 1)[1].strip()))
+        return []
+
+    get_memory_affinity._fastboot_self = True  # type: ignore[attr-defined]
+    cpu_resource_utils.get_memory_affinity = get_memory_affinity
     return True

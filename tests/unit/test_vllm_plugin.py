@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 #: Runs in a fresh interpreter so the patch does not leak into other tests.
 PROBE = """
@@ -63,3 +67,61 @@ def test_file_store_moves_to_the_run_directory_in_modules_already_imported(tmp_p
     for url in (first, executor, second):
         assert url.startswith(f"file://{tmp_path}/vllm_dist_"), url
     assert len({first, executor, second}) == 3  # a fresh name per engine, as vLLM makes them
+
+
+#: Runs as a child of pid 1 of a pid namespace whose /proc is its parent namespace's, as an
+#: engine of fastboot serve in a container: its own pid names no process in that /proc.
+OWN_PROC_PROBE = """
+import os
+from vllm.utils import cpu_resource_utils
+from fastboot_patches import vllm_plugin
+
+try:
+    before = str(cpu_resource_utils.get_memory_affinity())
+except FileNotFoundError:
+    before = "missing"
+assert vllm_plugin.read_own_proc_status()
+after = cpu_resource_utils.get_memory_affinity()
+print(os.getpid(), before, ",".join(map(str, after)))
+"""
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare(1)"
+)
+def test_memory_affinity_is_read_from_the_engines_own_proc_entry() -> None:
+    # The outer namespace gets a /proc of its own with a handful of processes; the inner one
+    # keeps it, and starts 30 processes first so the probe's pid is not among them.
+    inner = f'for i in $(seq 30); do /bin/true; done; {sys.executable} -c "$FASTBOOT_PROBE"'
+    result = subprocess.run(
+        [
+            "unshare",
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "--",
+            "unshare",
+            "--pid",
+            "--fork",
+            "--",
+            "sh",
+            "-c",
+            inner,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "FASTBOOT_PROBE": OWN_PROC_PROBE},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    pid, before, after = result.stdout.split()[-3:]
+    assert int(pid) > 30
+    assert before == "missing"  # vLLM's own lookup: /proc/<pid in the namespace> is not there
+    with open("/proc/self/status") as status:
+        line = next(ln for ln in status if ln.startswith("Mems_allowed_list:"))
+    nodes: list[int] = []
+    for part in line.split(":", 1)[1].strip().split(","):
+        first, _, last = part.partition("-")
+        nodes += range(int(first), int(last or first) + 1)
+    assert after == ",".join(map(str, nodes))  # this host's nodes, as the engine's own entry says
