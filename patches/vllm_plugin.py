@@ -54,8 +54,8 @@ def register() -> None:
     report_loaded("vllm")
     if run_dir := os.environ.get("VLLM_RPC_BASE_PATH"):
         keep_file_store_in(run_dir)
-    read_own_proc_status()
-    if _on_cpu():
+    if _on_cpu():  # only vLLM's CPU executor looks itself up in /proc, and only it spins idly
+        read_own_proc_status()
         limit_reader_spin(CPU_READER_SPIN_S)
 
 
