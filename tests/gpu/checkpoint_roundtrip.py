@@ -7,7 +7,9 @@ graph, records checksums and the graph's output, then waits for a trigger file. 
 (no torch here) checkpoints it with fastboot's own code: `fastboot.gpu.cycle.dump_with_gpu`
 (CudaCheckpointer lock -> checkpoint) around `fastboot.snapshot.criu.dump`; the dump kills the
 child. It then runs `fastboot.snapshot.criu.restore`, `cycle.after_restore` (restore -> unlock),
-triggers the child, and compares checksums and graph output.
+triggers the child, and compares checksums and graph output; then kills that replica and
+restores a second one from the same images, passing this GPU's UUID as an explicit (old, new)
+pair, the path of a restore onto another GPU.
 
 Exit codes: 0 passed, 1 a check failed, 2 set-up missing (criu, root, cuda-bindings),
 77 no GPU here (a dry run: nothing was tried).
@@ -16,6 +18,7 @@ Exit codes: 0 passed, 1 a check failed, 2 set-up missing (criu, root, cuda-bindi
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -53,6 +56,8 @@ torch.cuda.current_stream().wait_stream(side)
 graph = torch.cuda.CUDAGraph()
 with torch.cuda.graph(graph):
     static_y = f(static_x)
+torch.cuda.synchronize()
+warmed_at = time.time()  # the cold start ends here; the checksums below are the check's own
 
 def digest(t):
     data = t.detach().contiguous().view(torch.uint8).cpu()
@@ -74,7 +79,7 @@ def write(name, data):
         json.dump(data, fh)
     os.rename(tmp, os.path.join(work, name))
 
-write("before.json", state())
+write("before.json", dict(state(), warmed_at=warmed_at))
 while not os.path.exists(os.path.join(work, "go")):
     time.sleep(0.05)
 static_y.zero_()  # the replay must recompute it from the restored inputs
@@ -94,6 +99,16 @@ def gpu_memory_mib() -> list[int]:
         ]
     finally:
         pynvml.nvmlShutdown()
+
+
+def report(result: dict[str, Any], code: int, message: str, json_path: Path | None) -> int:
+    """Record the outcome in result, print it, write result as JSON; returns code (the exit)."""
+    result["exit_code"], result["message"] = code, message
+    print(("PASS: " if code == 0 else "FAIL: " if code == FAILED else "") + message)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+    return code
 
 
 def have_gpu() -> str | None:
@@ -128,6 +143,35 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def criu_log_tails(workdir: Path, lines: int = 30) -> dict[str, list[str]]:
+    """For a failed run: each CRIU log's error lines, then its last lines (the logs go with the
+    temp dir, and a lent GPU machine is given back after the call)."""
+    tails = {}
+    for log in sorted(workdir.rglob("*.log")):
+        text = log.read_text(errors="replace").splitlines()
+        errors = [ln for ln in text if "Error" in ln][:20]
+        tails[str(log.relative_to(workdir))] = [*errors, "...", *text[-lines:]]
+    return tails
+
+
+def criu_check(criu: Any) -> list[str]:
+    """What `criu check` says of this kernel (recorded, not required: the dump says the rest)."""
+    try:
+        return criu.check().splitlines()[-5:]
+    except Exception as exc:
+        return [f"criu check failed: {exc}"]
+
+
+def reap(pid: int, timeout: float) -> None:
+    """Wait until a killed restored replica is reaped (it is our child: we are its subreaper),
+    so that its pid is free for the next restore."""
+    deadline = time.monotonic() + timeout
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"pid {pid} still alive {timeout:.0f} s after SIGKILL")
+        time.sleep(0.05)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gib", type=float, default=2.0, help="device memory to fill (GiB)")
@@ -136,12 +180,7 @@ def main() -> int:
     result: dict[str, Any] = {"gib": args.gib, "passed": False}
 
     def finish(code: int, message: str) -> int:
-        result["exit_code"], result["message"] = code, message
-        print(("PASS: " if code == 0 else "FAIL: " if code == FAILED else "") + message)
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(result, indent=2) + "\n")
-        return code
+        return report(result, code, message, args.json)
 
     if why := have_gpu():
         return finish(NO_GPU, f"no GPU: {why}; dry run, nothing was checkpointed")
@@ -150,6 +189,7 @@ def main() -> int:
     from fastboot.gpu.checkpoint import CudaCheckpointer, cuda_pids, nvidia_fds
     from fastboot.gpu.info import gpu_fields
     from fastboot.snapshot import criu as criu_mod
+    from fastboot.supervisor import become_subreaper
 
     result["gpu"] = gpu_fields()
     if os.geteuid() != 0:
@@ -160,13 +200,15 @@ def main() -> int:
     except FastbootError as exc:
         return finish(SETUP, str(exc))
     result["criu"] = criu.version_text
+    result["kernel"], result["criu_check"] = os.uname().release, criu_check(criu)
 
+    become_subreaper()  # restored replicas are re-parented to us, and reaped here
     work = Path(tempfile.mkdtemp(prefix="fastboot-gpu-"))
     images, criu_work = work / "images", work / "criu"
     criu_work.mkdir()
     script = work / "child.py"
     script.write_text(CHILD)
-    t0 = time.monotonic()
+    spawned_at = time.time()
     child = subprocess.Popen(
         [sys.executable, str(script), str(work), str(args.gib)],
         stdin=subprocess.DEVNULL,
@@ -177,8 +219,8 @@ def main() -> int:
     restored_pid: int | None = None
     try:
         wait_for(work / "before.json", 180, lambda: child.poll() is None)
-        result["child_ready_s"] = round(time.monotonic() - t0, 2)
         before = json.loads((work / "before.json").read_text())
+        result["cold_start_s"] = round(before.pop("warmed_at") - spawned_at, 3)
         stdio_pipe = os.readlink(f"/proc/{child.pid}/fd/1")
         pids = cuda_pids([child.pid])
         if pids != (child.pid,):
@@ -200,34 +242,61 @@ def main() -> int:
         child.wait(timeout=30)
         result["mem_mib_after_kill"] = gpu_memory_mib()
         result["image_bytes"] = sum(p.stat().st_size for p in images.rglob("*") if p.is_file())
+        result["restore_maps_pages"] = criu_mod.maps_pages(criu, images)
 
-        # the read end stays open until the end, so the restored child's prints never SIGPIPE
-        _read_fd, write_fd = os.pipe()
-        start = time.monotonic()
-        restored_pid = criu_mod.restore(criu, images, criu_work, stdio_pipe, write_fd)
-        os.close(write_fd)
-        timings["criu_restore_s"] = time.monotonic() - start
-        result["state_after_criu_restore"] = gpu.state(restored_pid).name
-        start = time.monotonic()
-        cycle.after_restore(cuda_pids([restored_pid]), gpu)
-        timings["cuda_restore_s"] = time.monotonic() - start
-        result["mem_mib_restored"] = gpu_memory_mib()
-        (work / "go").touch()
-        wait_for(work / "after.json", 60, lambda: pid_alive(restored_pid or 0))
-        after = json.loads((work / "after.json").read_text())
+        # Two replicas of one snapshot, one after the other: the second passes the GPU's UUID
+        # as an explicit (old, new) pair, the path a restore onto another GPU takes.
+        uuids = result["gpu"].get("gpu_uuids") or []
+        bad: list[str] = []
+        for replica, pairs in ((1, []), (2, [(u, u) for u in uuids[:1]])):
+            for name in ("go", "after.json"):
+                (work / name).unlink(missing_ok=True)
+            # the read end stays open until the end, so the restored child's prints never SIGPIPE
+            _read_fd, write_fd = os.pipe()
+            start = time.monotonic()
+            replica_work = criu_work / f"replica{replica}"  # its own pidfile and log
+            replica_work.mkdir()
+            restored_pid = criu_mod.restore(criu, images, replica_work, stdio_pipe, write_fd)
+            os.close(write_fd)
+            timings[f"criu_restore_{replica}_s"] = time.monotonic() - start
+            result[f"state_after_criu_restore_{replica}"] = gpu.state(restored_pid).name
+            start = time.monotonic()
+            cycle.after_restore(cuda_pids([restored_pid]), gpu, pairs)
+            timings[f"cuda_restore_{replica}_s"] = time.monotonic() - start
+            result[f"mem_mib_restored_{replica}"] = gpu_memory_mib()
+            (work / "go").touch()
+            wait_for(work / "after.json", 60, functools.partial(pid_alive, restored_pid))
+            after = json.loads((work / "after.json").read_text())
+            bad += [f"{k} (replica {replica})" for k in before if before[k] != after[k]]
+            result[f"after_{replica}"] = after
+            os.kill(restored_pid, 9)
+            reap(restored_pid, 30)
+            restored_pid = None
+        result["gpu_pairs_used"] = len(uuids[:1])
         result["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-        result["before"], result["after"] = before, after
-        bad = [k for k in before if before[k] != after[k]]
-        print(json.dumps({k: result[k] for k in result if k not in ("before", "after")}, indent=2))
+        # the baseline of the same run: the child's own start (torch import, CUDA init, the
+        # fill, the graph capture) against bringing it back (criu restore + cuda restore)
+        back = timings["criu_restore_1_s"] + timings["cuda_restore_1_s"]
+        result["restore_s"] = round(back, 3)
+        result["cold_over_restore"] = round(result["cold_start_s"] / back, 2)
+        result["before"] = before
+        shown = {k: v for k, v in result.items() if k not in ("before", "passed")}
+        shown = {k: v for k, v in shown.items() if not k.startswith("after_")}
+        print(json.dumps(shown, indent=2))
         if bad:
             return finish(FAILED, f"changed across checkpoint/restore: {', '.join(bad)}")
         result["passed"] = True
-        return finish(0, "tensors and CUDA graph output identical after checkpoint/kill/restore")
+        return finish(
+            0, "tensors and CUDA graph output identical in two restores after checkpoint/kill"
+        )
     except (FastbootError, RuntimeError, OSError, subprocess.SubprocessError) as exc:
         out = b""
         if child.poll() is not None and child.stdout is not None:
             out = child.stdout.read()[-2000:]
         result["child_output"] = out.decode(errors="replace")
+        result["criu_logs"] = criu_log_tails(criu_work)
+        for name, lines in result["criu_logs"].items():
+            print(f"--- {name} (errors, then the last lines) ---\n" + "\n".join(lines))
         return finish(FAILED, f"{type(exc).__name__}: {exc}")
     finally:
         for pid in (child.pid, restored_pid):
