@@ -211,6 +211,19 @@ def check_fuse() -> Check:
         fix = "apt-get install fuse3 libfuse3-dev pkg-config, then pip install 'fastboot[imagefs]'"
         return Check("fuse", False, "; ".join(problems), fix, needed)
     detail = f"/dev/fuse usable, {fusermount}, pyfuse3 {pyfuse3[1] if pyfuse3 else ''}"
+    try:
+        from fastboot.imagefs.passthrough import supported
+
+        through = supported()
+    except ImportError:  # trio missing: the fuse line's other checks say what to install
+        through = False
+    if through:
+        detail += ", passthrough (warm reads of whole files at local-disk speed)"
+    else:
+        detail += (
+            "; no passthrough: the daemon serves every read (bash "
+            "fastboot/imagefs/provision-fuse.sh .venv/bin/python builds it)"
+        )
     return Check("fuse", True, detail, "", needed)
 
 

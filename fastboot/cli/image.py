@@ -56,6 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     mount.add_argument("--no-prefetch", action="store_true", help="do not replay the profile")
     mount.add_argument("--no-record", action="store_true", help="do not record a prefetch profile")
+    mount.add_argument(
+        "--no-passthrough",
+        action="store_true",
+        help="serve every read from the daemon (default: big files read whole are kept on "
+        "local disk and read by the kernel directly, FUSE passthrough)",
+    )
 
     umount = sub.add_parser("umount", help="unmount and stop the daemon", allow_abbrev=False)
     umount.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
@@ -144,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
                 prefetch=not args.no_prefetch,
                 prefetch_rate=args.prefetch_rate,
                 record=not args.no_record,
+                passthrough=not args.no_passthrough,
             ),
         )
         print(

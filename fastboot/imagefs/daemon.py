@@ -48,6 +48,8 @@ class DaemonConfig:
     read_ahead_kb: int = 4096
     """Kernel readahead for the mount (the bdi default of 128 KiB makes small FUSE reads)."""
     allow_other: bool = True
+    passthrough: bool = True
+    """Serve wholly local big files through FUSE passthrough where this host can."""
     log_level: str = "INFO"
     ready_fd: int = -1
 
@@ -86,7 +88,7 @@ def run(config: DaemonConfig) -> int:
     import pyfuse3
     import trio
 
-    from fastboot.imagefs import prefetch
+    from fastboot.imagefs import passthrough, prefetch
     from fastboot.imagefs.fs import ImageOperations
     from fastboot.imagefs.metrics import Metrics
     from fastboot.imagefs.remote import RemoteClient
@@ -112,7 +114,10 @@ def run(config: DaemonConfig) -> int:
     profile = (
         prefetch.load_profile(store.profile_path(config.index), index) if config.prefetch else None
     )
-    ops = ImageOperations(index, tiers, metrics, recorder, config.readahead_chunks)
+    through = None
+    if config.passthrough and passthrough.supported() and os.geteuid() == 0:
+        through = passthrough.Passthrough(store, index, tiers, metrics)
+    ops = ImageOperations(index, tiers, metrics, recorder, config.readahead_chunks, through)
     options = set(pyfuse3.default_options)
     options |= {f"fsname=fastboot:{config.name}", "subtype=fastboot", "ro"}
     if config.allow_other and os.geteuid() == 0:

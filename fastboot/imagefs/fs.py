@@ -4,7 +4,8 @@ Inode numbers are index positions + 1 (hardlinks share their first entry's), so 
 allocated per file at mount and lookup counts can be ignored (forget is a no-op). Attribute and
 entry timeouts are a day and negative lookups are cached (st_ino 0): the image never changes while
 mounted, and Python's import system probes many paths that do not exist. Files open with
-keep_cache, so the kernel page cache answers re-reads without asking the daemon.
+keep_cache, so the kernel page cache answers re-reads without asking the daemon; big files that
+were read whole open with a backing file instead (FUSE passthrough: imagefs/passthrough.py).
 
 Handlers raise only pyfuse3.FUSEError: every other exception is logged with its cause and turned
 into EIO (pyfuse3 would otherwise end its main loop).
@@ -26,6 +27,7 @@ import pyfuse3
 from fastboot.errors import ImageFSError
 from fastboot.imagefs.index import ImageIndex
 from fastboot.imagefs.metrics import Metrics
+from fastboot.imagefs.passthrough import Passthrough
 from fastboot.imagefs.prefetch import Recorder
 from fastboot.imagefs.tiers import Blob, Tiers
 
@@ -71,6 +73,9 @@ class _OpenFile:
     next_offset: int = 0
     readahead_to: int = 0
     """First chunk not yet scheduled for readahead."""
+    read_bytes: int = 0
+    passthrough: bool = False
+    """The kernel reads this open file from a backing file (no reads reach the daemon)."""
 
 
 class ImageOperations(pyfuse3.Operations):
@@ -85,8 +90,13 @@ class ImageOperations(pyfuse3.Operations):
         metrics: Metrics,
         recorder: Recorder | None = None,
         readahead_chunks: int = 8,
+        passthrough: Passthrough | None = None,
     ) -> None:
         super().__init__()
+        self.passthrough = passthrough
+        self.enable_passthrough = passthrough is not None
+        self._cached_opens: dict[int, int] = {}
+        """Open files per entry that the page cache serves (passthrough must wait for none)."""
         self.index = index
         self.tiers = tiers
         self.metrics = metrics
@@ -201,7 +211,16 @@ class ImageOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         fh = self._next_fh
         self._next_fh += 1
-        self._files[fh] = _OpenFile(entry)
+        backing_id = 0
+        if self.passthrough is not None and not self._cached_opens.get(entry):
+            backing_id = self.passthrough.open(entry)
+        self._files[fh] = _OpenFile(entry, passthrough=backing_id > 0)
+        if backing_id > 0:
+            # keep_cache is not allowed with passthrough: the backing file's cache is the cache
+            return pyfuse3.FileInfo(
+                fh=pyfuse3.FileHandleT(fh), keep_cache=False, backing_id=backing_id
+            )
+        self._cached_opens[entry] = self._cached_opens.get(entry, 0) + 1
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True)
 
     @handler
@@ -220,6 +239,9 @@ class ImageOperations(pyfuse3.Operations):
         f.next_offset = end
         if sequential and self.readahead_chunks:
             self._readahead(f, last)
+        f.read_bytes += end - off
+        if self.passthrough is not None and f.read_bytes >= file_size:
+            self.passthrough.read_to_end(entry)
         if self.recorder is not None:
             for k in range(first, last + 1):
                 self.recorder.note(entry, k)
@@ -254,7 +276,15 @@ class ImageOperations(pyfuse3.Operations):
 
     @handler
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
-        self._files.pop(fh, None)
+        f = self._files.pop(fh, None)
+        if f is None:
+            return
+        if f.passthrough and self.passthrough is not None:
+            self.passthrough.release(f.entry)
+        elif self._cached_opens.get(f.entry, 0) > 1:
+            self._cached_opens[f.entry] -= 1
+        else:
+            self._cached_opens.pop(f.entry, None)
 
     @handler
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:

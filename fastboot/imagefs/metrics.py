@@ -70,6 +70,16 @@ class Metrics:
             p + "prefetch_used_bytes", "Prefetched bytes a reader later asked for", registry=r
         )
         self.read_bytes = Counter(p + "read_bytes", "Bytes returned to the kernel", registry=r)
+        self.passthrough_opens = Counter(
+            p + "passthrough_opens",
+            "Opens answered with a backing file (the kernel reads it without the daemon)",
+            registry=r,
+        )
+        self.materialised_bytes = Counter(
+            p + "materialised_bytes",
+            "Bytes of files written whole to local disk for passthrough",
+            registry=r,
+        )
         self.ops = Counter(p + "ops", "FUSE requests", ["op"], registry=r)
         self.errors = Counter(
             p + "errors", "FUSE requests answered with an error", ["op", "errno"], registry=r

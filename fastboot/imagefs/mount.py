@@ -54,6 +54,9 @@ class MountOptions:
     """Kernel readahead of the mount (bigger: fewer, larger reads of big files; smaller: fewer
     bytes fetched around each page fault of a mapped file, e.g. a shared library)."""
     ready_timeout_s: float = 30.0
+    passthrough: bool = True
+    """Big files read whole are kept as local files that the kernel reads directly (FUSE
+    passthrough: warm reads at local-disk speed); off, the daemon serves every read."""
 
 
 def reap() -> None:
@@ -171,6 +174,7 @@ def mount(
         prefetch_rate=options.prefetch_rate,
         record=options.record,
         read_ahead_kb=options.read_ahead_kb,
+        passthrough=options.passthrough,
         log_level=envs.log_level(),
         ready_fd=write_fd,
     )

@@ -6,6 +6,7 @@
       packs/<hex>.pack         chunk bytes back to back, named by the BLAKE3 of the whole pack
       packs/<hex>.idx          the pack's table (digest, offset, length): dedup at build time
       cache/<hh>/<hex>         the SSD tier: one file per chunk fetched from the remote
+      files/<hh>/<hex>         whole files kept for FUSE passthrough (imagefs/passthrough.py)
       profiles/<index hex>     the prefetch profile recorded at the last mount of that index
       mounts/<id>.json|.log|.prom   one running mount daemon: its record, log and metrics
       tmp/<pid>-...            files being written; renamed into place when complete
@@ -154,7 +155,7 @@ class ImageStore:
     # -- layout ------------------------------------------------------------------------------
 
     def ensure(self) -> ImageStore:
-        for sub in ("", "refs", "index", "packs", "cache", "profiles", "mounts", "tmp"):
+        for sub in ("", "refs", "index", "packs", "cache", "files", "profiles", "mounts", "tmp"):
             path = self.root / sub
             path.mkdir(parents=True, exist_ok=True, mode=0o700)
             os.chmod(path, 0o700)
@@ -174,6 +175,10 @@ class ImageStore:
 
     def cache_path(self, digest_hex: str) -> Path:
         return self.root / "cache" / digest_hex[:2] / digest_hex
+
+    def file_path(self, key: str) -> Path:
+        """A whole file written for FUSE passthrough (fastboot/imagefs/passthrough.py)."""
+        return self.root / "files" / key[:2] / key
 
     def profile_path(self, index_digest: str) -> Path:
         return self.root / "profiles" / index_digest
@@ -309,7 +314,9 @@ class ImageStore:
             self.cache_path(digest_hex).unlink()
 
     def cache_bytes(self) -> int:
-        return sum(p.stat().st_size for p in (self.root / "cache").glob("*/*"))
+        """Bytes of the SSD cache: chunks, and whole files written for passthrough."""
+        paths = [*(self.root / "cache").glob("*/*"), *(self.root / "files").glob("*/*")]
+        return sum(p.stat().st_size for p in paths)
 
     # -- mounts --------------------------------------------------------------------------------
 
@@ -339,6 +346,8 @@ class ImageStore:
         keep_index = {r.index for r in self.list_refs()} | {m.index for m in live}
         keep_packs: set[str] = set()
         mounted_chunks: set[str] = set()
+        keep_files: set[str] = set()
+        """Files written for passthrough of kept images; those of mounted ones are never trimmed."""
         for digest in keep_index:
             try:
                 index = self.load_index(digest)
@@ -346,8 +355,16 @@ class ImageStore:
                 logger.warning("gc: keeping everything of index %s: %s", digest[:16], exc)
                 return report
             keep_packs.update(index.pack_names())
+            files = _passthrough_keys(index)
+            keep_files.update(files)
             if digest in {m.index for m in live}:
                 mounted_chunks.update(d.tobytes().hex() for d in index.chunks["digest"])
+                mounted_chunks.update(files)
+        report["files"] = 0
+        for path in (self.root / "files").glob("*/*"):
+            if path.name not in keep_files:
+                path.unlink()
+                report["files"] += 1
         for path in (self.root / "index").iterdir():
             if path.name not in keep_index:
                 path.unlink()
@@ -372,7 +389,8 @@ class ImageStore:
         if cache_high is not None:
             low = cache_low if cache_low is not None else cache_high * 8 // 10
             entries = []
-            for path in (self.root / "cache").glob("*/*"):
+            cached = [*(self.root / "cache").glob("*/*"), *(self.root / "files").glob("*/*")]
+            for path in cached:
                 st = path.stat()
                 entries.append((st.st_mtime, st.st_size, path))
             total = sum(size for _, size, _ in entries)
@@ -440,3 +458,11 @@ def _publish_copy(src: Path, dst: Path, tmp_dir: Path, replace: bool = False) ->
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def _passthrough_keys(index: ImageIndex) -> set[str]:
+    """Keys of the files of index that passthrough may have written (big regular files)."""
+    from fastboot.imagefs.passthrough import MIN_BYTES, file_key
+
+    big = np.nonzero(index.entries["size"] >= MIN_BYTES)[0]
+    return {file_key(index, int(e)) for e in big if index.is_regular(int(e))}

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Give ImageFS FUSE passthrough, idempotently: libfuse >= 3.16 and a pyfuse3 that can use it.
+#
+# Usage: provision-fuse.sh PYTHON [PREFIX]     (default PREFIX: /opt/fastboot/fuse)
+#
+# Passthrough lets the kernel serve reads and mmaps of a fully local file straight from a backing
+# file on local disk (ext4's large folios, no daemon), which is what warm reads need
+# (docs/imagefs.md). The kernel has had it since 6.9; Debian 12's libfuse (3.14) and pyfuse3 3.5
+# do not. So:
+#   1. libfuse from Debian unstable's source (the tarball checked against the SHA256 in Debian's
+#      signed Sources index), built with meson into PREFIX (the system's libfuse is untouched);
+#   2. pyfuse3 3.5.0's sdist from PyPI (pinned by SHA256) with patches/pyfuse3-passthrough.patch,
+#      built against PREFIX (rpath) and installed into PYTHON's environment.
+# On any failure the installed pyfuse3 stays as it was and ImageFS serves every read itself
+# (exit 0 with a warning): passthrough is a speed-up, never a requirement.
+set -euo pipefail
+
+python=${1:?usage: provision-fuse.sh PYTHON [PREFIX]}
+prefix=${2:-/opt/fastboot/fuse}
+suite=${FASTBOOT_FUSE_SUITE:-sid}
+pyfuse3_version=3.5.0
+pyfuse3_sha256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
+here=$(cd "$(dirname "$0")" && pwd)
+patch=$(ls "$here/../../patches/pyfuse3-passthrough.patch" \
+           "$here/../../fastboot_patches/pyfuse3-passthrough.patch" 2>/dev/null | head -1 || true)
+patch_sum=$([ -n "$patch" ] && sha256sum "$patch" | cut -c1-64 || true)
+stamp_want="$pyfuse3_version $patch_sum $prefix"
+
+log() { printf 'provision-fuse: %s\n' "$*"; }
+has_passthrough() {  # the environment's pyfuse3 is the patched build, linked to PREFIX's libfuse
+    "$python" - "$prefix" <<'PY' 2>/dev/null
+import sys, pyfuse3, pathlib
+lib = pathlib.Path(pyfuse3.__file__).read_bytes()
+ok = hasattr(pyfuse3, "get_session_fd") and sys.argv[1].encode() in lib
+sys.exit(0 if ok else 1)
+PY
+}
+site=$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')
+stamp="$site/.fastboot-pyfuse3-passthrough"
+if has_passthrough && [ "$(cat "$stamp" 2>/dev/null)" = "$stamp_want" ]; then
+    log "pyfuse3 with passthrough is installed (libfuse in $prefix)"
+    exit 0
+fi
+[ -n "$patch" ] || { log "patches/pyfuse3-passthrough.patch not found; no passthrough" >&2; exit 0; }
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+build_libfuse() {
+    local dir="$work/apt" uri file size sum
+    if [ -f "$prefix/lib/pkgconfig/fuse3.pc" ] && [ "$(cat "$prefix/fastboot-suite" 2>/dev/null)" = "$suite" ]; then
+        return 0
+    fi
+    local need=() pkg
+    for pkg in meson ninja-build pkg-config gcc curl; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
+    done
+    if [ ${#need[@]} -gt 0 ]; then
+        log "installing build tools: ${need[*]}"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+            --no-install-recommends "${need[@]}" >/dev/null || return 1
+    fi
+    mkdir -p "$dir"/etc/sources.list.d "$dir"/etc/preferences.d "$dir"/state/lists/partial \
+             "$dir"/cache/archives/partial
+    touch "$dir"/state/status
+    cat > "$dir"/etc/sources.list.d/fuse.sources <<SRC
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: $suite
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+    local apt_opts=(-o "Dir::Etc=$dir/etc" -o Dir::Etc::SourceList=/dev/null
+                    -o "Dir::Etc::SourceParts=$dir/etc/sources.list.d" -o "Dir::State=$dir/state"
+                    -o "Dir::State::status=$dir/state/status" -o "Dir::Cache=$dir/cache"
+                    -o APT::Sandbox::User=root)
+    log "resolving libfuse's source from Debian $suite"
+    apt-get "${apt_opts[@]}" -qq update || return 1
+    read -r uri file size sum < <(cd "$work" && apt-get "${apt_opts[@]}" --print-uris -qq source fuse3 \
+        | tr -d "'" | awk '$2 ~ /\.orig\.tar\.[a-z0-9]+$/' | head -1) || return 1
+    [ -n "${uri:-}" ] && [ "${sum#SHA256:}" != "$sum" ] || { log "no fuse3 source with a SHA256" >&2; return 1; }
+    curl -fsSL --retry 3 -o "$work/$file" "$uri" || return 1
+    [ "$(stat -c %s "$work/$file")" = "$size" ] || { log "$file: wrong size" >&2; return 1; }
+    echo "${sum#SHA256:}  $work/$file" | sha256sum -c --quiet - || return 1
+    mkdir "$work/libfuse"
+    tar -xf "$work/$file" -C "$work/libfuse" --strip-components=1 || return 1
+    log "building $file into $prefix"
+    rm -rf "$prefix.new"
+    (cd "$work/libfuse" \
+        && meson setup build --prefix="$prefix.new" --libdir=lib -Dexamples=false -Dutils=false \
+               -Dtests=false -Ddisable-mtab=true \
+        && ninja -C build install) >"$work/libfuse.log" 2>&1 || { tail -20 "$work/libfuse.log" >&2; return 1; }
+    # meson wrote PREFIX.new into fuse3.pc; the library goes live at PREFIX
+    sed -i "s#$prefix.new#$prefix#g" "$prefix.new/lib/pkgconfig/fuse3.pc"
+    echo "$suite" > "$prefix.new/fastboot-suite"
+    rm -rf "$prefix"
+    mv "$prefix.new" "$prefix"
+}
+
+build_pyfuse3() {
+    local sdist="$work/pyfuse3-$pyfuse3_version.tar.gz"
+    "$python" -m pip download -q --no-deps --no-binary :all: -d "$work" \
+        "pyfuse3==$pyfuse3_version" >"$work/pip.log" 2>&1 || { tail -5 "$work/pip.log" >&2; return 1; }
+    echo "$pyfuse3_sha256  $sdist" | sha256sum -c --quiet - || return 1
+    tar -xzf "$sdist" -C "$work"
+    (cd "$work/pyfuse3-$pyfuse3_version" && patch -p1 --quiet < "$patch") || return 1
+    log "building pyfuse3 $pyfuse3_version with the passthrough patch against $prefix"
+    PKG_CONFIG_PATH="$prefix/lib/pkgconfig" LDFLAGS="-Wl,-rpath,$prefix/lib" \
+        "$python" -m pip wheel -q --no-deps -w "$work/wheels" "$work/pyfuse3-$pyfuse3_version" \
+        >"$work/wheel.log" 2>&1 || { tail -20 "$work/wheel.log" >&2; return 1; }
+    "$python" -m pip install -q --no-deps --force-reinstall "$work"/wheels/pyfuse3-*.whl \
+        >"$work/install.log" 2>&1 || { tail -5 "$work/install.log" >&2; return 1; }
+}
+
+if build_libfuse && build_pyfuse3 && has_passthrough; then
+    echo "$stamp_want" > "$stamp"
+    version=$(PKG_CONFIG_PATH="$prefix/lib/pkgconfig" pkg-config --modversion fuse3 || true)
+    log "pyfuse3 $pyfuse3_version with passthrough installed (libfuse $version in $prefix)"
+else
+    log "WARNING: FUSE passthrough could not be provisioned; ImageFS will serve every read itself" >&2
+fi
