@@ -115,7 +115,8 @@ def run(config: DaemonConfig) -> int:
         prefetch.load_profile(store.profile_path(config.index), index) if config.prefetch else None
     )
     through = None
-    if config.passthrough and passthrough.supported() and os.geteuid() == 0:
+    wanted = config.passthrough and passthrough.worth_it(index)
+    if wanted and passthrough.supported() and os.geteuid() == 0:
         through = passthrough.Passthrough(store, index, tiers, metrics)
     ops = ImageOperations(index, tiers, metrics, recorder, config.readahead_chunks, through)
     options = set(pyfuse3.default_options)

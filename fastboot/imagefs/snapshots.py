@@ -75,7 +75,10 @@ def unpack_snapshot(
         from fastboot.imagefs.sync import pull
 
         pull(store, name, remote)
-    options = options or MountOptions(record=False, prefetch=False, remote=remote)
+    # read once to copy: nothing to keep whole for passthrough
+    options = options or MountOptions(
+        record=False, prefetch=False, remote=remote, passthrough=False
+    )
     with tempfile.TemporaryDirectory(prefix="fastboot-unpack-") as tmp:
         point = Path(tmp) / "mnt"
         point.mkdir()

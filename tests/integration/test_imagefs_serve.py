@@ -262,6 +262,8 @@ def test_snapshot_stored_as_an_image_is_unpacked_on_another_host_and_restored(
     )
     assert out.startswith(f"snapshot {manifest.id} in {host_b / 'snapshots'}"), out
     assert Store(host_b / "snapshots").verify(manifest.id).files == manifest.files
+    # read whole once to copy them, the page images were not also kept for passthrough
+    assert not list((host_b / "images" / "files").glob("*/*"))
     run = env.run("from-snapshot-image", snapshots=host_b / "snapshots")
     try:
         run.wait_for(RESTORED, 120)

@@ -161,3 +161,17 @@ def test_the_key_names_the_content_not_the_path(tmp_path: Path) -> None:
         stores.append((store.load_index(ref.index), name))
     keys = {passthrough.file_key(index, entry_of(index, name)) for index, name in stores}
     assert len(keys) == 1
+
+
+def test_snapshot_images_are_not_kept_whole(tmp_path: Path) -> None:
+    verdicts = {}
+    for kind in ("snapshot", "env"):
+        src = tmp_path / kind
+        src.mkdir()
+        (src / "pages-1.img").write_bytes(b"p" * 4096)
+        if kind == "snapshot":
+            (src / "manifest.json").write_text("{}")
+        store = ImageStore(tmp_path / f"store-{kind}")
+        ref = build(store, src, kind, progress=False)
+        verdicts[kind] = passthrough.worth_it(store.load_index(ref.index))
+    assert verdicts == {"snapshot": False, "env": True}
