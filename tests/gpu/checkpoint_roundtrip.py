@@ -162,6 +162,18 @@ def criu_check(criu: Any) -> list[str]:
         return [f"criu check failed: {exc}"]
 
 
+def drop_page_cache(images: Path) -> None:
+    """Evict the image files' pages (only theirs; nothing host-wide), so a restore reads disk."""
+    for path in images.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def reap(pid: int, timeout: float) -> None:
     """Wait until a killed restored replica is reaped (it is our child: we are its subreaper),
     so that its pid is free for the next restore."""
@@ -176,8 +188,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gib", type=float, default=2.0, help="device memory to fill (GiB)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument(
+        "--cold", action="store_true", help="drop the images' pages from the page cache first"
+    )
     args = parser.parse_args()
-    result: dict[str, Any] = {"gib": args.gib, "passed": False}
+    result: dict[str, Any] = {"gib": args.gib, "passed": False, "cold_images": args.cold}
 
     def finish(code: int, message: str) -> int:
         return report(result, code, message, args.json)
@@ -251,6 +266,8 @@ def main() -> int:
         for replica, pairs in ((1, []), (2, [(u, u) for u in uuids[:1]])):
             for name in ("go", "after.json"):
                 (work / name).unlink(missing_ok=True)
+            if args.cold:
+                drop_page_cache(images)
             # the read end stays open until the end, so the restored child's prints never SIGPIPE
             _read_fd, write_fd = os.pipe()
             start = time.monotonic()

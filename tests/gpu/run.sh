@@ -10,6 +10,7 @@
 # The prefix's bin/criu wrapper names absolute paths, so a wrapper for
 # wherever the prefix is now is written to a temp dir and handed over as FASTBOOT_CRIU.
 # Sizes: FASTBOOT_GPU_GIB="2 16" runs one round trip per size (GiB of device memory filled).
+# FASTBOOT_GPU_COLD=1 drops the images' pages from the page cache before each restore.
 # FASTBOOT_GPU_LOCK=0 skips the lock-timeout check that follows the round trips.
 # FASTBOOT_GPU_CRIU_PREFIX=DIR tries that carried prefix first (e.g. the patched CRIU with its
 # libraries, to measure mapped restores); FASTBOOT_GPU_TAG=T names the JSON files ..._T.json.
@@ -50,7 +51,9 @@ for gib in ${FASTBOOT_GPU_GIB:-2}; do
     echo "== round trip with $gib GiB of device memory"
     json=()
     [ -n "${OUT:-}" ] && json=(--json "$OUT/gpu_checkpoint_${gib}gib${FASTBOOT_GPU_TAG:+_$FASTBOOT_GPU_TAG}.json")
-    timeout 280 "$py" tests/gpu/checkpoint_roundtrip.py --gib "$gib" "${json[@]}"
+    cold=()
+    [ "${FASTBOOT_GPU_COLD:-0}" = 1 ] && cold=(--cold)
+    timeout 280 "$py" tests/gpu/checkpoint_roundtrip.py --gib "$gib" "${cold[@]}" "${json[@]}"
     one=$?
     [ $one -eq 124 ] && echo "tests/gpu/run.sh: the $gib GiB round trip timed out after 280 s"
     [ $one -gt $rc ] && rc=$one
