@@ -108,8 +108,10 @@ build_pyfuse3() {
     PKG_CONFIG_PATH="$prefix/lib/pkgconfig" LDFLAGS="-Wl,-rpath,$prefix/lib" \
         "$python" -m pip wheel -q --no-deps -w "$work/wheels" "$work/pyfuse3-$pyfuse3_version" \
         >"$work/wheel.log" 2>&1 || { tail -20 "$work/wheel.log" >&2; return 1; }
-    "$python" -m pip install -q --no-deps --force-reinstall "$work"/wheels/pyfuse3-*.whl \
-        >"$work/install.log" 2>&1 || { tail -5 "$work/install.log" >&2; return 1; }
+    # --no-deps keeps --force-reinstall to pyfuse3 itself; trio is its one dependency
+    "$python" -m pip install -q "trio >= 0.15" >"$work/install.log" 2>&1 \
+        && "$python" -m pip install -q --force-reinstall --no-deps "$work"/wheels/pyfuse3-*.whl \
+        >>"$work/install.log" 2>&1 || { tail -5 "$work/install.log" >&2; return 1; }
 }
 
 if build_libfuse && build_pyfuse3 && has_passthrough; then
