@@ -40,6 +40,7 @@ import logging
 import os
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,15 @@ def file_key(index: ImageIndex, entry: int) -> str:
     return h.hexdigest()
 
 
+@dataclass
+class _Held:
+    """A backing file registered for an entry while it has passthrough opens."""
+
+    backing_id: int
+    fd: int
+    opens: int = 1
+
+
 class Passthrough:
     """Materialised files of one mounted image and the backing ids of their open inodes."""
 
@@ -114,8 +124,10 @@ class Passthrough:
         """Entries whose materialised file is verified for this mount."""
         self._busy: set[int] = set()
         """Entries being materialised or verified."""
-        self._held: dict[int, list[int]] = {}
-        """entry -> [backing id, backing fd, passthrough opens]."""
+        self._held: dict[int, _Held] = {}
+        """Entries with passthrough opens now."""
+        self._paths: dict[int, Path] = {}
+        """Each entry's kept-file path (its key hashes every chunk digest: computed once)."""
 
     # -- opens -------------------------------------------------------------------------------
 
@@ -124,8 +136,8 @@ class Passthrough:
         The caller must not ask while the entry has opens served from the page cache."""
         held = self._held.get(entry)
         if held is not None:
-            held[2] += 1
-            return held[0]
+            held.opens += 1
+            return held.backing_id
         if not self.enabled or self.index.size(entry) < self.min_bytes:
             return 0
         path = self._ready.get(entry)
@@ -149,7 +161,7 @@ class Passthrough:
                 exc,
             )
             return 0
-        self._held[entry] = [backing_id, fd, 1]
+        self._held[entry] = _Held(backing_id, fd)
         self.metrics.passthrough_opens.inc()
         return backing_id
 
@@ -158,23 +170,17 @@ class Passthrough:
         held = self._held.get(entry)
         if held is None:
             return
-        held[2] -= 1
-        if held[2] > 0:
+        held.opens -= 1
+        if held.opens > 0:
             return
         del self._held[entry]
-        backing_id, fd = held[0], held[1]
         try:
-            arg = bytearray(struct.pack("I", backing_id))
+            arg = bytearray(struct.pack("I", held.backing_id))
             self._ioctl(self._session_fd(), FUSE_DEV_IOC_BACKING_CLOSE, arg)
         except OSError as exc:
-            logger.warning("could not drop FUSE backing id %d: %s", backing_id, exc)
+            logger.warning("could not drop FUSE backing id %d: %s", held.backing_id, exc)
         finally:
-            os.close(fd)
-
-    def close_all(self) -> None:
-        for entry in list(self._held):
-            self._held[entry][2] = 1
-            self.release(entry)
+            os.close(held.fd)
 
     # -- materialising -----------------------------------------------------------------------
 
@@ -192,7 +198,10 @@ class Passthrough:
         self.tiers.nursery.start_soon(self._materialise, entry)
 
     def path(self, entry: int) -> Path:
-        return self.store.file_path(file_key(self.index, entry))
+        path = self._paths.get(entry)
+        if path is None:
+            path = self._paths[entry] = self.store.file_path(file_key(self.index, entry))
+        return path
 
     async def _materialise(self, entry: int) -> None:
         final = self.path(entry)

@@ -45,9 +45,10 @@ fi
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+arch=$(dpkg --print-architecture)
+. "$here/../debian-source.sh"  # private_apt, orig_source
 
 build_libfuse() {
-    local dir="$work/apt" uri file size sum
     if [ -f "$prefix/lib/pkgconfig/fuse3.pc" ] && [ "$(cat "$prefix/fastboot-suite" 2>/dev/null)" = "$suite" ]; then
         return 0
     fi
@@ -60,31 +61,9 @@ build_libfuse() {
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
             --no-install-recommends "${need[@]}" >/dev/null || return 1
     fi
-    mkdir -p "$dir"/etc/sources.list.d "$dir"/etc/preferences.d "$dir"/state/lists/partial \
-             "$dir"/cache/archives/partial
-    touch "$dir"/state/status
-    cat > "$dir"/etc/sources.list.d/fuse.sources <<SRC
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: $suite
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
-    local apt_opts=(-o "Dir::Etc=$dir/etc" -o Dir::Etc::SourceList=/dev/null
-                    -o "Dir::Etc::SourceParts=$dir/etc/sources.list.d" -o "Dir::State=$dir/state"
-                    -o "Dir::State::status=$dir/state/status" -o "Dir::Cache=$dir/cache"
-                    -o APT::Sandbox::User=root)
     log "resolving libfuse's source from Debian $suite"
-    apt-get "${apt_opts[@]}" -qq update || return 1
-    read -r uri file size sum < <(cd "$work" && apt-get "${apt_opts[@]}" --print-uris -qq source fuse3 \
-        | tr -d "'" | awk '$2 ~ /\.orig\.tar\.[a-z0-9]+$/' | head -1) || return 1
-    [ -n "${uri:-}" ] && [ "${sum#SHA256:}" != "$sum" ] || { log "no fuse3 source with a SHA256" >&2; return 1; }
-    curl -fsSL --retry 3 -o "$work/$file" "$uri" || return 1
-    [ "$(stat -c %s "$work/$file")" = "$size" ] || { log "$file: wrong size" >&2; return 1; }
-    echo "${sum#SHA256:}  $work/$file" | sha256sum -c --quiet - || return 1
-    mkdir "$work/libfuse"
-    tar -xf "$work/$file" -C "$work/libfuse" --strip-components=1 || return 1
-    log "building $file into $prefix"
+    orig_source fuse3 "$work/libfuse" || return 1
+    log "building $orig_file into $prefix"
     rm -rf "$prefix.new"
     (cd "$work/libfuse" \
         && meson setup build --prefix="$prefix.new" --libdir=lib -Dexamples=false -Dutils=false \

@@ -313,11 +313,6 @@ class ImageStore:
         with contextlib.suppress(FileNotFoundError):
             self.cache_path(digest_hex).unlink()
 
-    def cache_bytes(self) -> int:
-        """Bytes of the SSD cache: chunks, and whole files written for passthrough."""
-        paths = [*(self.root / "cache").glob("*/*"), *(self.root / "files").glob("*/*")]
-        return sum(p.stat().st_size for p in paths)
-
     # -- mounts --------------------------------------------------------------------------------
 
     def mounts(self, include_dead: bool = False) -> list[MountRecord]:

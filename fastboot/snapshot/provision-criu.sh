@@ -54,31 +54,14 @@ arch=$(dpkg --print-architecture)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-private_apt() {  # private_apt TYPE: apt_opts for a private index of Debian $suite (deb, deb-src)
-    local dir="$work/apt-$1"
-    mkdir -p "$dir"/etc/sources.list.d "$dir"/etc/preferences.d "$dir"/state/lists/partial \
-             "$dir"/cache/archives/partial
-    touch "$dir"/state/status
-    cat > "$dir"/etc/sources.list.d/criu.sources <<SRC
-Types: $1
-URIs: http://deb.debian.org/debian
-Suites: $suite
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
-    # The system's apt sources and state are never touched.
-    apt_opts=(-o "Dir::Etc=$dir/etc" -o Dir::Etc::SourceList=/dev/null
-              -o "Dir::Etc::SourceParts=$dir/etc/sources.list.d" -o "Dir::State=$dir/state"
-              -o "Dir::State::status=$dir/state/status" -o "Dir::Cache=$dir/cache"
-              -o "APT::Architecture=$arch" -o "APT::Architectures=$arch" -o APT::Sandbox::User=root)
-}
+. "$here/../debian-source.sh"  # private_apt, orig_source
 
 # -- Preferred: the patched CRIU, built from source -------------------------------------------
 build_deps=(gcc make pkg-config xz-utils patch curl protobuf-c-compiler libprotobuf-c-dev
             libprotobuf-dev protobuf-compiler libnl-3-dev libcap-dev libnet1-dev libbsd-dev
             uuid-dev libnftables-dev libgnutls28-dev)
 build_patched() {
-    local uri file size sum missing=() pkg
+    local missing=() pkg
     [ -n "$patch" ] || { echo "provision-criu: fastboot's CRIU patch not found" >&2; return 1; }
     for pkg in "${build_deps[@]}"; do
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -89,22 +72,10 @@ build_patched() {
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
             "${missing[@]}" >/dev/null || return 1
     fi
-    private_apt deb-src
     echo "provision-criu: resolving criu's source from Debian $suite"
-    apt-get "${apt_opts[@]}" -qq update || return 1
-    # Only the upstream tarball (Debian's packaging is not needed), checked against the SHA256
-    # that the signed Sources index gives for it.
-    read -r uri file size sum < <(cd "$work" && apt-get "${apt_opts[@]}" --print-uris -qq source criu \
-        | tr -d "'" | grep '\.orig\.tar\.' | head -1) || return 1
-    [ -n "${uri:-}" ] && [ "${sum#SHA256:}" != "$sum" ] \
-        || { echo "provision-criu: no criu source with a SHA256 in $suite" >&2; return 1; }
-    curl -fsSL --retry 3 -o "$work/$file" "$uri" || return 1
-    [ "$(stat -c %s "$work/$file")" = "$size" ] || { echo "provision-criu: $file: wrong size" >&2; return 1; }
-    echo "${sum#SHA256:}  $work/$file" | sha256sum -c --quiet - || return 1
-    mkdir "$work/src"
-    tar -xf "$work/$file" -C "$work/src" --strip-components=1 || return 1
+    orig_source criu "$work/src" || return 1
     (cd "$work/src" && patch -p1 --quiet < "$patch") || return 1
-    echo "provision-criu: building $file with fastboot's patch"
+    echo "provision-criu: building $orig_file with fastboot's patch"
     make -C "$work/src" -j"$(nproc)" criu >"$work/build.log" 2>&1 \
         || { tail -20 "$work/build.log" >&2; return 1; }
     local staging="$prefix.new"
