@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mount.add_argument(
         "--metrics-port", type=int, default=0, help="serve /metrics on 127.0.0.1:PORT"
     )
-    mount.add_argument("--ram", type=_size, default="256M", help="RAM chunk cache (default 256M)")
+    mount.add_argument("--ram", type=_size, default="64M", help="RAM chunk cache (default 64M)")
     mount.add_argument(
         "--prefetch-rate",
         type=_size,

@@ -37,7 +37,7 @@ class DaemonConfig:
     metrics_file: str
     metrics_port: int = 0
     """Serve /metrics on 127.0.0.1:PORT (0: textfile only)."""
-    ram_bytes: int = 256 * 1024 * 1024
+    ram_bytes: int = 64 * 1024 * 1024
     threads: int = 8
     readahead_chunks: int = 8
     prefetch: bool = True

@@ -61,17 +61,26 @@ class RemoteClient:
 
     def get(self, path: str, *, missing_ok: bool = False) -> bytes | bytearray | None:
         """The whole object at `path`; None if it is absent and `missing_ok`."""
-        return self._request(path, None, missing_ok)
+        data = self._request(path, None, missing_ok)
+        assert not isinstance(data, memoryview)  # only ranges are read into a given buffer
+        return data
 
-    def get_range(self, path: str, offset: int, length: int) -> bytes | bytearray:
-        """Exactly `length` bytes of `path` from `offset` (one ranged GET)."""
-        data = self._request(path, (offset, length), False)
+    def get_range(
+        self, path: str, offset: int, length: int, into: memoryview | None = None
+    ) -> bytes | bytearray | memoryview:
+        """Exactly `length` bytes of `path` from `offset` (one ranged GET), read into `into`
+        (`length` bytes) if given."""
+        data = self._request(path, (offset, length), False, into)
         assert data is not None
         return data
 
     def _request(
-        self, path: str, span: tuple[int, int] | None, missing_ok: bool
-    ) -> bytes | bytearray | None:
+        self,
+        path: str,
+        span: tuple[int, int] | None,
+        missing_ok: bool,
+        into: memoryview | None = None,
+    ) -> bytes | bytearray | memoryview | None:
         target = f"{self._prefix}/{path}"
         headers = {"Accept-Encoding": "identity"}
         if span is not None:
@@ -103,7 +112,9 @@ class RemoteClient:
                         "unchanged (byte ranges on)"
                     )
                 if span is not None:
-                    data: bytes | bytearray = _read_exactly(response, span[1])
+                    data: bytes | bytearray | memoryview = _read_exactly(
+                        response, into if into is not None else memoryview(bytearray(span[1]))
+                    )
                 else:
                     data = response.read()
                 if response.will_close:
@@ -125,9 +136,8 @@ class RemoteClient:
         raise AssertionError("unreachable")
 
 
-def _read_exactly(response: http.client.HTTPResponse, length: int) -> bytearray:
-    buf = bytearray(length)
-    view = memoryview(buf)
+def _read_exactly(response: http.client.HTTPResponse, view: memoryview) -> memoryview:
+    length = len(view)
     got = 0
     while got < length:
         n = response.readinto(view[got:])
@@ -137,7 +147,7 @@ def _read_exactly(response: http.client.HTTPResponse, length: int) -> bytearray:
                 "retry, and check the server's logs"
             )
         got += n
-    return buf
+    return view
 
 
 def wait_reachable(base_url: str, deadline_s: float) -> None:

@@ -17,7 +17,8 @@ from collections.abc import Iterable
 import trio
 
 from fastboot.errors import ImageCorruptError, ImageFSError
-from fastboot.imagefs.index import ChunkDigest, ChunkRef
+from fastboot.imagefs.buffers import BufferPool
+from fastboot.imagefs.index import DEFAULT_CHUNK_SIZE, ChunkDigest, ChunkRef
 from fastboot.imagefs.metrics import Metrics
 from fastboot.imagefs.remote import RemoteClient
 from fastboot.imagefs.store import ImageStore, decode, digest_of
@@ -73,13 +74,17 @@ class Tiers:
         store: ImageStore,
         remote: RemoteClient | None,
         metrics: Metrics,
-        ram_bytes: int = 256 * 1024 * 1024,
+        ram_bytes: int = 64 * 1024 * 1024,
         threads: int = 8,
     ) -> None:
         self.store = store
         self.remote = remote
         self.metrics = metrics
         self.ram = RamCache(ram_bytes)
+        self.buffers = BufferPool(ram_bytes + 2 * threads * DEFAULT_CHUNK_SIZE)
+        """What chunks from the SSD cache and the remote are read into: reused once the RAM
+        cache and every reader have let go (room for the RAM cache, and a chunk per thread in
+        flight and per thread waiting to be written)."""
         self.limiter = trio.CapacityLimiter(threads)
         self._flights: dict[bytes, _Flight] = {}
         self.prefetched: set[bytes] = set()
@@ -169,7 +174,7 @@ class Tiers:
 
     def _put(self, ref: ChunkRef, data: Blob) -> None:
         try:
-            self.store.cache_put(ref.hex, data)
+            self.store.cache_put(ref.hex, data, self.buffers)
         except OSError as exc:
             logger.warning("could not keep chunk %s in the SSD cache: %s", ref.hex[:16], exc)
 
@@ -196,7 +201,7 @@ class Tiers:
                 return data
         else:
             m.misses.labels("local").inc()
-        cached = self.store.read_cached(ref.hex)
+        cached = self.store.read_cached(ref.hex, self.buffers)
         if cached is not None:
             data = self._decoded(ref, cached, "cache", raw=True)
             if data is not None:
@@ -217,7 +222,9 @@ class Tiers:
             )
         started = time.perf_counter()
         try:
-            data = self.remote.get_range(f"packs/{ref.pack}.pack", ref.offset, ref.length)
+            data = self.remote.get_range(
+                f"packs/{ref.pack}.pack", ref.offset, ref.length, self.buffers.take(ref.length)
+            )
         except ImageFSError:
             self.metrics.remote_errors.inc()
             self.metrics.misses.labels("remote").inc()
@@ -256,7 +263,9 @@ class Tiers:
         except ImageFSError as exc:
             why = str(exc)
         if data is not None:
-            if len(data) == ref.raw_length and digest_of(data) == ChunkDigest(ref.digest):
+            # one chunk per thread: hashing each on all cores only adds hand-offs
+            intact = digest_of(data, parallel=False) == ChunkDigest(ref.digest)
+            if len(data) == ref.raw_length and intact:
                 return data
             why = f"{len(data)} bytes, expected {ref.raw_length}, digest mismatch"
         self.metrics.corrupt.labels(tier).inc()

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from fastboot.imagefs import passthrough
+from fastboot.imagefs.buffers import BufferPool
 from fastboot.imagefs.build import build
 from fastboot.imagefs.metrics import Metrics
 from fastboot.imagefs.passthrough import (
@@ -59,7 +60,8 @@ def setup(tmp_path: Path) -> tuple[ImageStore, Any, Path]:
 
 
 def through(store: ImageStore, index: Any, ioctl: FakeIoctl) -> Passthrough:
-    tiers: Any = types.SimpleNamespace(nursery=None)  # no background work in these tests
+    # no background work in these tests; verifying kept files reads into the pool
+    tiers: Any = types.SimpleNamespace(nursery=None, buffers=BufferPool(16 << 20))
     return Passthrough(
         store,
         index,

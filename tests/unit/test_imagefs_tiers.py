@@ -32,7 +32,9 @@ class FakeRemote:
         self.down = False
         self.lock = threading.Lock()
 
-    def get_range(self, path: str, offset: int, length: int) -> bytes:
+    def get_range(
+        self, path: str, offset: int, length: int, into: memoryview | None = None
+    ) -> bytes | memoryview:
         with self.lock:
             self.calls += 1
         if self.down:
@@ -41,6 +43,9 @@ class FakeRemote:
         data = bytearray((self.origin.root / path).read_bytes()[offset : offset + length])
         if self.corrupt:
             data[0] ^= 1
+        if into is not None:
+            into[:] = data
+            return into
         return bytes(data)
 
 
