@@ -85,6 +85,7 @@ def _set_read_ahead(mountpoint: str, kb: int) -> None:
 
 
 def run(config: DaemonConfig) -> int:
+    import numpy as np
     import pyfuse3
     import trio
 
@@ -117,7 +118,9 @@ def run(config: DaemonConfig) -> int:
     through = None
     wanted = config.passthrough and passthrough.worth_it(index)
     if wanted and passthrough.supported() and os.geteuid() == 0:
-        through = passthrough.Passthrough(store, index, tiers, metrics)
+        through = passthrough.Passthrough(
+            store, index, tiers, metrics, mountpoint=config.mountpoint
+        )
     ops = ImageOperations(index, tiers, metrics, recorder, config.readahead_chunks, through)
     options = set(pyfuse3.default_options)
     options |= {f"fsname=fastboot:{config.name}", "subtype=fastboot", "ro"}
@@ -168,13 +171,20 @@ def run(config: DaemonConfig) -> int:
                     time.monotonic() - started,
                     config.remote or "none",
                 )
-                if profile is not None and len(profile):
-                    await prefetch.replay(index, profile, tiers, config.prefetch_rate)
+                rows = profile
+                if rows is not None and through is not None:
+                    # files kept whole are read from local disk: nothing of them to fetch
+                    kept = await trio.to_thread.run_sync(through.kept_entries)
+                    rows = rows[~np.isin(rows["entry"], kept)]
+                if rows is not None and len(rows):
+                    await prefetch.replay(index, rows, tiers, config.prefetch_rate)
 
             nursery.start_soon(on_signals)
             nursery.start_soon(every_second)
             nursery.start_soon(ready)
             await pyfuse3.main()
+            if through is not None:
+                await through.drain()
             await tiers.drain()
             nursery.cancel_scope.cancel()
 

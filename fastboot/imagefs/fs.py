@@ -76,6 +76,12 @@ class _OpenFile:
     read_bytes: int = 0
     passthrough: bool = False
     """The kernel reads this open file from a backing file (no reads reach the daemon)."""
+    streaming: bool = False
+    """Read in order from its start, a big file's chunks stay out of the SSD cache (see read)."""
+    unkept_to: int = 0
+    """Chunks before this one were fetched while streaming (not in the SSD cache)."""
+    internal: bool = False
+    """Opened by this daemon (reading a file back to keep it): never streamed."""
 
 
 class ImageOperations(pyfuse3.Operations):
@@ -213,8 +219,11 @@ class ImageOperations(pyfuse3.Operations):
         self._next_fh += 1
         backing_id = 0
         if self.passthrough is not None and not self._cached_opens.get(entry):
+            await self.passthrough.settle(entry)
+        if self.passthrough is not None and not self._cached_opens.get(entry):
             backing_id = self.passthrough.open(entry)
-        self._files[fh] = _OpenFile(entry, passthrough=backing_id > 0)
+        internal = os.path.exists(f"/proc/self/task/{ctx.pid}")  # one of this daemon's threads
+        self._files[fh] = _OpenFile(entry, passthrough=backing_id > 0, internal=internal)
         if backing_id > 0:
             # keep_cache is not allowed with passthrough: the backing file's cache is the cache
             return pyfuse3.FileInfo(
@@ -237,22 +246,34 @@ class ImageOperations(pyfuse3.Operations):
         first, last = off // cs, (end - 1) // cs
         sequential = off == f.next_offset
         f.next_offset = end
+        if off == 0 and f.read_bytes == 0 and self.passthrough is not None and not f.internal:
+            # A big file read from its start is streamed: its chunks are not written to the SSD
+            # cache while it is read (those writes halved a cold read's speed here), because
+            # once read to the end it is kept whole, read back from the page cache; a stream
+            # that stops early has its chunks cached then.
+            f.streaming = self.passthrough.streams(entry)
+        elif f.streaming and not sequential:
+            self._stop_streaming(f)
+        if f.streaming:
+            f.unkept_to = max(f.unkept_to, last + 1)
         if sequential and self.readahead_chunks:
             self._readahead(f, last)
         f.read_bytes += end - off
         if self.passthrough is not None and f.read_bytes >= file_size:
             self.passthrough.read_to_end(entry)
+            f.streaming, f.unkept_to = False, 0
         if self.recorder is not None:
             for k in range(first, last + 1):
                 self.recorder.note(entry, k)
+        keep = not f.streaming
         if first == last:
-            data = await self._chunk(entry, first)
+            data = await self._chunk(entry, first, keep)
             start = off - first * cs
             out: Any = memoryview(data)[start : start + end - off]
         else:
             parts = []
             for k in range(first, last + 1):
-                data = await self._chunk(entry, k)
+                data = await self._chunk(entry, k, keep)
                 lo = max(off - k * cs, 0)
                 hi = min(end - k * cs, len(data))
                 parts.append(memoryview(data)[lo:hi])
@@ -262,8 +283,15 @@ class ImageOperations(pyfuse3.Operations):
         # chunk avoids copying it; its stub says bytes.
         return cast(bytes, out)
 
-    async def _chunk(self, entry: int, k: int) -> Blob:
-        return await self.tiers.get(self.index.file_chunk(entry, k))
+    async def _chunk(self, entry: int, k: int, keep: bool = True) -> Blob:
+        return await self.tiers.get(self.index.file_chunk(entry, k), keep=keep)
+
+    def _stop_streaming(self, f: _OpenFile) -> None:
+        """f left its stream before the end: cache the chunks the stream left out."""
+        f.streaming = False
+        if self.passthrough is not None and f.unkept_to:
+            self.passthrough.keep_chunks(f.entry, range(f.unkept_to))
+        f.unkept_to = 0
 
     def _readahead(self, f: _OpenFile, last: int) -> None:
         count = self.index.chunk_count(f.entry)
@@ -272,13 +300,18 @@ class ImageOperations(pyfuse3.Operations):
         if start >= stop:
             return
         f.readahead_to = stop
-        self.tiers.readahead(self.index.file_chunk(f.entry, k) for k in range(start, stop))
+        if f.streaming:
+            f.unkept_to = max(f.unkept_to, stop)
+        refs = (self.index.file_chunk(f.entry, k) for k in range(start, stop))
+        self.tiers.readahead(refs, keep=not f.streaming)
 
     @handler
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
         f = self._files.pop(fh, None)
         if f is None:
             return
+        if f.streaming:
+            self._stop_streaming(f)
         if f.passthrough and self.passthrough is not None:
             self.passthrough.release(f.entry)
         elif self._cached_opens.get(f.entry, 0) > 1:

@@ -44,9 +44,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyfuse3
 import trio
 
+from fastboot.errors import ImageCorruptError
 from fastboot.imagefs import buffers
 from fastboot.imagefs.index import ChunkDigest, ImageIndex
 from fastboot.imagefs.metrics import Metrics
@@ -110,7 +112,11 @@ class Passthrough:
         min_bytes: int = MIN_BYTES,
         session_fd: Callable[[], int] | None = None,
         ioctl: Callable[..., Any] = fcntl.ioctl,
+        mountpoint: str | None = None,
     ) -> None:
+        self.mountpoint = mountpoint
+        """Where this image is mounted: files are kept by reading them back through it (from
+        the page cache, where a reader just left them)."""
         self.store = store
         self.index = index
         self.tiers = tiers
@@ -125,12 +131,51 @@ class Passthrough:
         """Entries whose materialised file is verified for this mount."""
         self._busy: set[int] = set()
         """Entries being materialised or verified."""
+        self._keeping = 0
+        """Background tasks caching chunks of streams that stopped early."""
+        self._verifying: dict[int, trio.Event] = {}
+        """Entries whose kept file an open is verifying (other opens wait for it)."""
         self._held: dict[int, _Held] = {}
         """Entries with passthrough opens now."""
         self._paths: dict[int, Path] = {}
         """Each entry's kept-file path (its key hashes every chunk digest: computed once)."""
 
     # -- opens -------------------------------------------------------------------------------
+
+    def kept_entries(self) -> list[int]:
+        """Entries with a kept file on disk (verified or not yet; blocking)."""
+        big = np.nonzero(self.index.entries["size"] >= self.min_bytes)[0]
+        return [int(e) for e in big if self.index.is_regular(int(e)) and self.path(int(e)).exists()]
+
+    async def settle(self, entry: int) -> None:
+        """Before an open of entry: a kept file left by an earlier mount is verified now, and
+        the open waits for it (a streamed file's chunks are in no other local tier, so serving
+        it lazily meanwhile would need the remote). A bad one is written again in the
+        background and the open is served by the daemon."""
+        if (
+            not self.enabled
+            or entry in self._ready
+            or self.tiers.nursery is None
+            or self.index.size(entry) < self.min_bytes
+        ):
+            return
+        pending = self._verifying.get(entry)
+        if pending is not None:
+            await pending.wait()
+            return
+        if entry in self._busy or not await trio.to_thread.run_sync(self.path(entry).exists):
+            return
+        done = self._verifying[entry] = trio.Event()
+        self._busy.add(entry)
+        try:
+            intact = await self._verify(entry)
+        finally:
+            self._busy.discard(entry)
+            del self._verifying[entry]
+            done.set()
+        if not intact:
+            self._busy.add(entry)
+            self.tiers.nursery.start_soon(self._materialise, entry)
 
     def open(self, entry: int) -> int:
         """A backing id for a new open of entry (> 0), or 0: serve this open from the daemon.
@@ -204,20 +249,60 @@ class Passthrough:
             path = self._paths[entry] = self.store.file_path(file_key(self.index, entry))
         return path
 
+    def streams(self, entry: int) -> bool:
+        """Whether a reader streaming entry from its start may leave its chunks out of the SSD
+        cache: once read to the end the file is kept whole (read back from the page cache), and
+        a stream that stops early has its chunks cached then (`keep_chunks`)."""
+        return (
+            self.enabled
+            and self.mountpoint is not None
+            and self.tiers.nursery is not None
+            and entry not in self._ready
+            and self.index.size(entry) >= self.min_bytes
+        )
+
+    def keep_chunks(self, entry: int, chunks: range) -> None:
+        """Write these chunks of entry to the SSD cache in the background, reading them back
+        through the mount (a stream of entry that did not reach its end)."""
+        if self.tiers.nursery is None or self.mountpoint is None or not chunks:
+            return
+        self.tiers.nursery.start_soon(self._keep_chunks, entry, chunks)
+
+    async def _keep_chunks(self, entry: int, chunks: range) -> None:
+        self._keeping += 1
+        try:
+            kept = await trio.to_thread.run_sync(self._read_back, entry, chunks, None)
+            logger.debug("cached %d chunks of %s read back", kept, self.index.path(entry))
+        except Exception as exc:
+            # unmounted meanwhile (or a page that no longer matches): from the tiers instead
+            logger.debug("reading %s back failed (%s); caching from the tiers", entry, exc)
+            try:
+                for k in chunks:
+                    ref = self.index.file_chunk(entry, k)
+                    if not await trio.to_thread.run_sync(self.tiers.is_local, ref):
+                        await self.tiers.get(ref, reader=False)
+            except Exception as again:  # the chunks stay uncached: fetched again when read
+                logger.warning("could not cache chunks of %s: %s", self.index.path(entry), again)
+        finally:
+            self._keeping -= 1
+
+    async def drain(self, deadline_s: float = 60.0) -> None:
+        """Wait (bounded) for files being kept and chunks being cached (at unmount)."""
+        with trio.move_on_after(deadline_s):
+            while self._busy or self._keeping:
+                await trio.sleep(0.02)
+
     async def _materialise(self, entry: int) -> None:
         final = self.path(entry)
         try:
             if final.exists() and await self._verify(entry):
                 return
-            # Chunks just read may still be queued for the SSD cache; once written, the copy
-            # below reads them from RAM or the cache instead of fetching them again.
-            await self.tiers.drain()
-            with self.store.temp_file(final, durable=False, direct=True) as (fd, direct):
-                # O_DIRECT: a buffered 1 GiB write cost seconds of CPU here (buffers.py)
-                out = buffers.DirectWriter(fd, direct, self.tiers.buffers)
-                for k in range(self.index.chunk_count(entry)):
-                    data = await self.tiers.get(self.index.file_chunk(entry, k), reader=False)
-                    await trio.to_thread.run_sync(out.append, data)
+            try:
+                await self._write_kept(entry, final, from_mount=self.mountpoint is not None)
+            except Exception as exc:
+                # unmounted meanwhile, or evicted pages the daemon could not serve: the tiers
+                logger.debug("reading %s back failed (%s); from the tiers", entry, exc)
+                await self._write_kept(entry, final, from_mount=False)
             self._ready[entry] = final
             self.metrics.materialised_bytes.inc(self.index.size(entry))
             logger.debug("materialised %s for passthrough", self.index.path(entry))
@@ -225,6 +310,49 @@ class Passthrough:
             logger.warning("could not materialise %s: %s", self.index.path(entry), exc)
         finally:
             self._busy.discard(entry)
+
+    async def _write_kept(self, entry: int, final: Path, from_mount: bool) -> None:
+        """Write entry's kept file from its verified chunks, read back through the mount (the
+        page cache a reader left) or else from the tiers."""
+        with self.store.temp_file(final, durable=False, direct=True) as (fd, direct):
+            # O_DIRECT: a buffered 1 GiB write cost seconds of CPU here (buffers.py)
+            out = buffers.DirectWriter(fd, direct, self.tiers.buffers)
+            chunks = range(self.index.chunk_count(entry))
+            if from_mount:
+                await trio.to_thread.run_sync(self._read_back, entry, chunks, out)
+                return
+            for k in chunks:
+                ref = self.index.file_chunk(entry, k)
+                data = await self.tiers.get(ref, reader=False, keep=False)
+                await trio.to_thread.run_sync(out.append, data)
+
+    def _read_back(self, entry: int, chunks: range, out: buffers.DirectWriter | None) -> int:
+        """Read chunks of entry through the mount (blocking, in a worker thread: a page the
+        kernel no longer caches is a FUSE read this daemon answers on its loop), check each
+        against the index, and append them to `out`, or else put each that is not local yet in
+        the SSD cache. Returns how many chunks were written."""
+        assert self.mountpoint is not None
+        path = Path(self.mountpoint) / self.index.path(entry).lstrip("/")
+        pool = self.tiers.buffers
+        written = 0
+        with open(path, "rb", buffering=0) as fh:
+            for k in chunks:
+                ref = self.index.file_chunk(entry, k)
+                if out is None and self.tiers.is_local(ref):
+                    continue
+                data = pool.take(ref.raw_length)
+                got = os.preadv(fh.fileno(), [data], k * self.index.chunk_size_of(entry))
+                if got != ref.raw_length or digest_of(data) != ChunkDigest(ref.digest):
+                    raise ImageCorruptError(
+                        f"chunk {k} of {self.index.path(entry)!r} read back through the mount "
+                        "does not match the index"
+                    )
+                if out is not None:
+                    out.append(data)
+                else:
+                    self.store.cache_put(ref.hex, data, pool)
+                written += 1
+        return written
 
     def _verify_later(self, entry: int) -> None:
         """A file kept by an earlier mount: check it (and write it again if it is bad)."""

@@ -95,12 +95,14 @@ class Tiers:
         self._readahead_budget = threads
         self._writer = trio.CapacityLimiter(2)
         self._write_backlog = 0
-        self.write_backlog_max = 256 * 1024 * 1024
-        """Bytes of verified chunks waiting to be written to the SSD cache; beyond this, chunks
-        are served but not cached (the disk is the bottleneck, not the reader's problem)."""
+        self.write_backlog_max = threads * DEFAULT_CHUNK_SIZE
+        """Bytes of verified chunks waiting to be written to the SSD cache (see _queue_write)."""
+        self._written = trio.lowlevel.ParkingLot()
 
-    async def get(self, ref: ChunkRef, *, reader: bool = True) -> Blob:
-        """The chunk's verified bytes. `reader` is False for readahead (not counted as use)."""
+    async def get(self, ref: ChunkRef, *, reader: bool = True, keep: bool = True) -> Blob:
+        """The chunk's verified bytes. `reader` is False for readahead (not counted as use);
+        `keep` False: a chunk from the remote is not written to the SSD cache (the caller keeps
+        it otherwise: a big file streamed whole, see ImageOperations.read)."""
         digest = ref.digest
         if reader and digest in self.prefetched:
             self.prefetched.discard(digest)
@@ -118,22 +120,30 @@ class Tiers:
             return flight.data
         self.metrics.misses.labels("ram").inc()
         flight = self._flights[digest] = _Flight()
+        later = self.nursery is not None
         try:
-            later = self.nursery is not None
             data = await trio.to_thread.run_sync(self.load, ref, not later, limiter=self.limiter)
-            if later and self.last_tier_remote(ref):
-                self._cache_later(ref, data)
             flight.data = data
             self.ram.put(digest, data)
-            return data
         except BaseException as exc:
             flight.error = exc
             raise
         finally:
             del self._flights[digest]
             flight.done.set()
+        if later and self.last_tier_remote(ref):
+            if not keep:
+                self._from_remote.discard(ref.digest)
+            elif reader:
+                # a reader never waits for the disk: queue the write and answer
+                self._queue_write(ref, data)
+            else:
+                # readahead waits for room in the write queue, so it cannot outrun the disk
+                await self._room_to_write(len(data))
+                self._queue_write(ref, data)
+        return data
 
-    def readahead(self, refs: Iterable[ChunkRef]) -> None:
+    def readahead(self, refs: Iterable[ChunkRef], keep: bool = True) -> None:
         """Fetch these chunks in the background (skipping ones in RAM or in flight)."""
         if self.nursery is None:
             return
@@ -144,17 +154,25 @@ class Tiers:
                 continue
             self._readahead_budget -= 1
             self.metrics.readahead.inc()
-            self.nursery.start_soon(self._background_get, ref)
+            self.nursery.start_soon(self._background_get, ref, keep)
 
     def last_tier_remote(self, ref: ChunkRef) -> bool:
         return ref.digest in self._from_remote
 
-    def _cache_later(self, ref: ChunkRef, data: Blob) -> None:
-        # Writing to the SSD cache off the reader's path: on this host a 4 MiB write costs
-        # ~10 ms (writeback throttling), several times the ranged GET itself.
+    async def _room_to_write(self, size: int) -> None:
+        while self._write_backlog and self._write_backlog + size > self.write_backlog_max:
+            await self._written.park()
+
+    def _queue_write(self, ref: ChunkRef, data: Blob) -> None:
+        # Written off the reader's path, by O_DIRECT from the chunk's pool buffer. The queue is
+        # short on purpose: every queued chunk holds a buffer, and when readahead outran the
+        # writers a 256 MiB queue made a cold 1 GiB read touch 400-540 MiB of fresh buffers,
+        # which cost more than everything else (fastboot/imagefs/buffers.py). Readahead waits
+        # for room instead; chunks a reader fetched beyond twice the limit are not cached.
         self._from_remote.discard(ref.digest)
-        if self.nursery is None or self._write_backlog + len(data) > self.write_backlog_max:
-            logger.debug("not caching chunk %s: the write backlog is full", ref.hex[:16])
+        full = self._write_backlog and self._write_backlog + len(data) > 2 * self.write_backlog_max
+        if self.nursery is None or full:
+            logger.debug("not caching chunk %s: the write queue is full", ref.hex[:16])
             return
         self._write_backlog += len(data)
 
@@ -163,6 +181,7 @@ class Tiers:
                 await trio.to_thread.run_sync(self._put, ref, data, limiter=self._writer)
             finally:
                 self._write_backlog -= len(data)
+                self._written.unpark_all()
 
         self.nursery.start_soon(write)
 
@@ -178,9 +197,9 @@ class Tiers:
         except OSError as exc:
             logger.warning("could not keep chunk %s in the SSD cache: %s", ref.hex[:16], exc)
 
-    async def _background_get(self, ref: ChunkRef) -> None:
+    async def _background_get(self, ref: ChunkRef, keep: bool = True) -> None:
         try:
-            await self.get(ref, reader=False)
+            await self.get(ref, reader=False, keep=keep)
         except ImageFSError as exc:
             logger.debug("readahead of chunk %s failed: %s", ref.hex[:16], exc)
         finally:

@@ -1,7 +1,10 @@
 """FUSE passthrough with real mounts: a big file read whole is written to local disk and later
 opens are read by the kernel from that file, never by the daemon; a cached open keeps its inode
 cached; a corrupted kept file is detected and never served; `passthrough=False` keeps the old
-behaviour. Needs the patched pyfuse3 (fastboot/imagefs/provision-fuse.sh, run by scripts/setup).
+behaviour. With nginx as the remote: a streamed file is kept whole (read back from the page
+cache, each chunk fetched once) instead of chunk by chunk, and then served with the remote down;
+a stream that stops early has its chunks cached. Needs the patched pyfuse3
+(fastboot/imagefs/provision-fuse.sh, run by scripts/setup).
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from fastboot.imagefs import passthrough
 from fastboot.imagefs.build import build
 from fastboot.imagefs.mount import MountOptions, umount
 from fastboot.imagefs.store import ImageStore, MountRecord
-from tests.integration.test_imagefs import metrics_of, mounts
+from fastboot.imagefs.sync import pull
+from fastboot.imagefs.testing import Nginx
+from tests.integration.test_imagefs import metrics_of, mounts, remote
 
-__all__ = ["mounts"]  # the fixture, shared with test_imagefs
+__all__ = ["mounts", "remote"]  # the fixtures, shared with test_imagefs
 
 pytestmark = [
     pytest.mark.integration,
@@ -195,3 +200,74 @@ def test_gc_keeps_the_files_of_kept_images_and_removes_the_rest(
     image.remove_ref("pt")
     image.gc()
     assert kept_files(image) == []
+
+
+@pytest.fixture
+def pulled(tmp_path: Path, content: bytes, remote: Nginx) -> ImageStore:
+    """big.bin's image pushed to nginx and pulled (ref and index only) into an empty store."""
+    src = tmp_path / "src-remote"
+    src.mkdir()
+    (src / "big.bin").write_bytes(content)
+    origin = ImageStore(tmp_path / "origin")
+    build(origin, src, "pt", progress=False)
+    origin.push("pt", remote.root)
+    host = ImageStore(tmp_path / "host")
+    pull(host, "pt", remote.url)
+    return host
+
+
+def cached_chunks(store: ImageStore) -> int:
+    return sum(1 for path in (store.root / "cache").glob("*/*") if path.is_file())
+
+
+def test_a_streamed_file_is_kept_whole_and_then_served_with_the_remote_down(
+    pulled: ImageStore,
+    remote: Nginx,
+    tmp_path: Path,
+    content: bytes,
+    mounts: Callable[..., MountRecord],
+) -> None:
+    point = tmp_path / "mnt"
+    record = mounts("pt", point, pulled)
+    assert read_whole(point / "big.bin") == content
+    wait_metric(record, "materialised_bytes_total", SIZE)
+    # streamed: no chunk went to the SSD cache, and keeping the file whole fetched nothing
+    # more (it was read back from the page cache the reader left)
+    assert cached_chunks(pulled) == 0
+    assert settle(record)["fastboot_imagefs_remote_raw_bytes_total"] == SIZE
+    [kept] = kept_files(pulled)
+    assert kept.read_bytes() == content
+    umount(point, pulled)
+
+    remote.stop()
+    again = mounts("pt", point, pulled)
+    until_passthrough(again, point / "big.bin", content)
+    after = settle(again)
+    assert after.get("fastboot_imagefs_remote_errors_total", 0) == 0
+    assert after.get("fastboot_imagefs_remote_raw_bytes_total", 0) == 0
+
+
+def test_a_stream_that_stops_early_has_its_chunks_cached(
+    pulled: ImageStore,
+    remote: Nginx,
+    tmp_path: Path,
+    content: bytes,
+    mounts: Callable[..., MountRecord],
+) -> None:
+    point = tmp_path / "mnt"
+    mounts("pt", point, pulled)
+    head = 10 * MiB
+    with open(point / "big.bin", "rb", buffering=0) as fh:
+        assert fh.read(head) == content[:head]
+    # closed before the end: the chunks streamed so far are read back and cached
+    deadline = time.monotonic() + 30
+    while cached_chunks(pulled) < head // (4 * MiB) + 1:
+        assert time.monotonic() < deadline, f"{cached_chunks(pulled)} chunks cached after 30 s"
+        time.sleep(0.1)
+    assert not kept_files(pulled)
+    umount(point, pulled)
+
+    remote.stop()
+    mounts("pt", point, pulled)
+    with open(point / "big.bin", "rb", buffering=0) as fh:
+        assert fh.read(head) == content[:head]  # from the SSD cache: the remote is down

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -188,3 +189,67 @@ def test_token_bucket_caps_the_rate() -> None:
     # Virtual time: a burst of one second's worth, then 1000 bytes per second.
     bucket_time = trio.run(main, clock=clock)
     assert bucket_time >= 2.9
+
+
+def distinct_chunks(tmp_path: Path) -> tuple[ImageStore, ix.ImageIndex, FakeRemote]:
+    """A host store and an image of one 3 MiB file of three different 1 MiB chunks."""
+    src = tmp_path / "src-distinct"
+    src.mkdir()
+    (src / "a.bin").write_bytes(os.urandom(3 << 20))
+    origin = ImageStore(tmp_path / "origin-distinct")
+    ref = build(origin, src, "img", chunk_size=1 << 20, progress=False)
+    host = ImageStore(tmp_path / "host-distinct").ensure()
+    return host, origin.load_index(ref.index), FakeRemote(origin)
+
+
+def test_in_the_daemon_remote_chunks_are_written_behind_unless_not_kept(tmp_path: Path) -> None:
+    host, index, remote = distinct_chunks(tmp_path)
+    tiers, _ = tiers_for(host, remote)
+    entry = index.resolve("a.bin") or 0
+    kept, streamed, ahead = (index.file_chunk(entry, k) for k in range(3))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            tiers.nursery = nursery
+            await tiers.get(kept)
+            await tiers.get(streamed, keep=False)  # a streamed big file: kept whole instead
+            tiers.readahead([ahead], keep=False)
+            while ahead.digest not in tiers.ram:
+                await trio.sleep(0.01)
+            await tiers.drain()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert host.cache_path(kept.hex).exists()
+    assert not host.cache_path(streamed.hex).exists()
+    assert not host.cache_path(ahead.hex).exists()
+    assert remote.calls == 3
+
+
+def test_readahead_waits_for_room_in_the_write_queue(tmp_path: Path) -> None:
+    host, index, remote = distinct_chunks(tmp_path)
+    tiers, _ = tiers_for(host, remote)
+    tiers.write_backlog_max = 1  # room for one queued chunk at a time
+    entry = index.resolve("a.bin") or 0
+    refs = [index.file_chunk(entry, k) for k in range(3)]
+    most_queued = 0
+    real_put = tiers._put
+
+    def slow_put(ref: ix.ChunkRef, data: bytes) -> None:
+        nonlocal most_queued
+        most_queued = max(most_queued, tiers._write_backlog)
+        time.sleep(0.05)
+        real_put(ref, data)
+
+    tiers._put = slow_put  # type: ignore[method-assign]
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            tiers.nursery = nursery
+            tiers.readahead(refs)
+            while not all(host.cache_path(r.hex).exists() for r in refs):
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert most_queued == refs[0].raw_length  # never more than one chunk waited to be written
