@@ -2,10 +2,11 @@
 
   1. index: load time of a real 100k-file image's index (target < 100 ms), and mount-to-ready;
   2. sequential read of a 1 GiB file: local disk (cold via fadvise, and page cache) vs the mount:
-     cold from nginx on loopback (target >= 1 GB/s), then warm (page cache; target >= 0.9x
-     local) once the file is kept for FUSE passthrough, from the SSD chunk cache, and warm
-     without passthrough (the FUSE page cache); warm reads alternate with local ones, medians
-     of 7;
+     cold from nginx on loopback (target >= 1 GB/s; median of 5 fresh mounts with an empty
+     SSD cache, the served pack in the server's page cache), then warm (page cache; target
+     >= 0.9x local) once the file is kept for FUSE passthrough; without passthrough: cold from
+     nginx caching every chunk, from the SSD chunk cache, and warm (the FUSE page cache); warm
+     reads alternate with local ones, medians of 7;
   3. fio: random 4k and sequential 1M reads on the mount vs the local file (both warm);
   4. dedup: two model variants that share most tensors, stored bytes vs logical bytes;
   5. `import torch` from a venv image: local vs cold (empty SSD cache, nginx remote), with the
@@ -54,6 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 GiB = 1 << 30
 MiB = 1 << 20
+COLD_ROUNDS = 5
 
 
 def read_seq(path: Path, block: int = MiB) -> float:
@@ -235,9 +237,26 @@ def bench_sequential(work: Path, server: Nginx) -> dict[str, Any]:
     pull(host, "big", server.url)
     point = work / "mnt-big"
     point.mkdir()
-    opts = MountOptions(prefetch=False, record=False, ram_bytes=512 * MiB)
-    with mounted("big", point, host, opts) as record:
-        out["remote_cold_s"] = read_seq(point / "weights.bin")
+    opts = MountOptions(prefetch=False, record=False)  # the defaults, less profile record/replay
+    # Cold: every round a fresh mount, an empty SSD cache and no kept file; the served pack is
+    # read first, as a CDN or image server would have it in RAM. Medians: rounds on this shared
+    # host vary by 2x (docs/imagefs.md).
+    cold_runs = []
+
+    def cold_mount() -> Any:
+        fresh(host)
+        shutil.rmtree(host.root / "files", ignore_errors=True)
+        for pack in (server.root / "packs").glob("*.pack"):
+            read_seq(pack)
+        return mounted("big", point, host, opts)
+
+    for _ in range(COLD_ROUNDS - 1):
+        with cold_mount():
+            cold_runs.append(read_seq(point / "weights.bin"))
+    with cold_mount() as record:
+        cold_runs.append(read_seq(point / "weights.bin"))
+        out["remote_cold_runs_s"] = cold_runs
+        out["remote_cold_s"] = float(np.median(cold_runs))
         # Read whole, the file is written to local disk in the background; later opens are
         # FUSE passthrough (the kernel reads that file). Warm = its page cache.
         out["materialise_wait_s"] = wait_materialised(record, GiB)
@@ -263,9 +282,10 @@ def bench_sequential(work: Path, server: Nginx) -> dict[str, Any]:
     out["remote_fetch_ms_mean"] = (
         1000 * cold["fastboot_imagefs_remote_fetch_seconds_sum"] / max(out["remote_gets"], 1)
     )
-    no_passthrough = MountOptions(
-        prefetch=False, record=False, ram_bytes=512 * MiB, passthrough=False
-    )
+    no_passthrough = MountOptions(prefetch=False, record=False, passthrough=False)
+    fresh(host)  # streamed reads left no chunks in the SSD cache; this read caches each one
+    with mounted("big", point, host, no_passthrough):
+        out["remote_cold_chunked_s"] = read_seq(point / "weights.bin")
     with mounted("big", point, host, no_passthrough):  # chunks in the SSD cache, page cache empty
         out["ssd_cache_s"] = read_seq(point / "weights.bin")
         # the daemon's own page cache (order-0 FUSE folios), the figure before passthrough
@@ -282,7 +302,7 @@ def bench_sequential(work: Path, server: Nginx) -> dict[str, Any]:
                 "mount": mount_fio[(rw, warm)],
             }
     keys = ("local_cold", "local_warm", "remote_cold", "warm", "warm_fuse", "warm_fuse_local")
-    for key in (*keys, "ssd_cache"):
+    for key in (*keys, "ssd_cache", "remote_cold_chunked"):
         out[f"{key}_GBps"] = GiB / out[f"{key}_s"] / 1e9
     return out
 
@@ -570,11 +590,20 @@ def table(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             f"large folios {sq['large_folio_share']['mount_fuse']:.0%}",
         ),
         (
-            "1 GiB seq, cold from nginx",
-            f"{sq['remote_cold_GBps']:.2f} GB/s",
+            f"1 GiB seq, cold from nginx (median of {len(sq['remote_cold_runs_s'])})",
+            f"{sq['remote_cold_GBps']:.2f} GB/s "
+            f"({GiB / max(sq['remote_cold_runs_s']) / 1e9:.2f}-"
+            f"{GiB / min(sq['remote_cold_runs_s']) / 1e9:.2f})",
             "target 1 GB/s",
             f"{sq['remote_cold_GBps']:.2f}x",
             "ok" if sq["remote_cold_GBps"] >= 1 else "MISS",
+        ),
+        (
+            "  the same, --no-passthrough (chunks cached)",
+            f"{sq['remote_cold_chunked_GBps']:.2f} GB/s",
+            "target 1 GB/s",
+            f"{sq['remote_cold_chunked_GBps']:.2f}x",
+            "one round",
         ),
         (
             "1 GiB seq, from SSD cache",

@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 #: Daemons this process started (reaped by umount, so none is left a zombie).
 _children: dict[int, subprocess.Popen[bytes]] = {}
+BUSY_RETRY_S = 2.0
+"""How long `umount` retries an unmount the kernel calls busy before reporting it."""
 
 
 @dataclass(frozen=True)
@@ -285,7 +287,15 @@ def umount(mountpoint: Path, store: ImageStore | None = None, lazy: bool = False
         _lazy_unmount(point)
     elif state == "mounted":
         command = [_fusermount(), "-u", *(["-z"] if lazy else []), point]
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        # Busy a moment is normal: the daemon reads a file it keeps back through the mount, a
+        # chunk per open. Only a mount still busy after BUSY_RETRY_S is reported.
+        deadline = time.monotonic() + BUSY_RETRY_S
+        while True:
+            result = subprocess.run(command, capture_output=True, text=True, check=False)
+            busy = result.returncode != 0 and "busy" in result.stderr.lower()
+            if not busy or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         if result.returncode != 0:
             if "busy" in result.stderr.lower():
                 raise MountError(

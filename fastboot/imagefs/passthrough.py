@@ -8,9 +8,13 @@ backing file: ext4's page cache, no daemon, no copy through FUSE.
 
 How ImageFS uses it:
 - A regular file of at least `min_bytes` that a reader has read to its end is *materialised*:
-  its verified chunks are written, in the background, to one plain file in the store
+  its chunks are read back through the mount (from the page cache the reader left; each one
+  re-hashed) and written, in the background and with O_DIRECT, to one plain file in the store
   (`files/<key>`, 0600; the key is the BLAKE3 of the file's chunk digests and size). Files that
   are only partly read (a library the loader maps, a weights file read by mmap) stay lazy.
+- Such a file read in order from its start is *streamed* (`streams`): its chunks skip the SSD
+  cache, since the kept file will hold them; a stream that stops early has its chunks read back
+  and cached (`keep_chunks`), and an unmount in the middle finishes from the tiers.
 - A materialised file left by an earlier mount is re-verified (every chunk re-hashed against
   the index) before it is used; a mismatch deletes it and is counted as corrupt.
 - An open of a materialised file, when no open of the same inode uses the page cache, registers
@@ -21,11 +25,11 @@ How ImageFS uses it:
 - Anything refused (an old kernel, no CAP_SYS_ADMIN, a pyfuse3 without the patch) turns
   passthrough off for the mount, logged once; every read is then served by the daemon as before.
 
-What it costs: the bytes of a materialised file are on disk twice (its chunks in the SSD cache
-and the file); `fastboot image gc` removes files of images no ref or mount uses, and trims them
-by last use with the cache. Reads of a passthrough file are not re-hashed: the file was
-verified when it was written or when this mount first used it, and later changes to it (by
-root, on this host) are not detected.
+What it costs: a file whose chunks were cached before it was kept (read out of order, or by an
+earlier version) is on disk twice, as chunks and as the file; `fastboot image gc` removes files
+of images no ref or mount uses, and trims them by last use with the cache. Reads of a
+passthrough file are not re-hashed: the file was verified when it was written or when this
+mount first used it, and later changes to it (by root, on this host) are not detected.
 
 pyfuse3 gains `FileInfo.backing_id`, `get_session_fd()` and `Operations.enable_passthrough`
 from patches/pyfuse3-passthrough.patch (fastboot/imagefs/provision-fuse.sh builds it against
@@ -335,23 +339,28 @@ class Passthrough:
         path = Path(self.mountpoint) / self.index.path(entry).lstrip("/")
         pool = self.tiers.buffers
         written = 0
-        with open(path, "rb", buffering=0) as fh:
-            for k in chunks:
-                ref = self.index.file_chunk(entry, k)
-                if out is None and self.tiers.is_local(ref):
-                    continue
-                data = pool.take(ref.raw_length)
-                got = os.preadv(fh.fileno(), [data], k * self.index.chunk_size_of(entry))
-                if got != ref.raw_length or digest_of(data) != ChunkDigest(ref.digest):
-                    raise ImageCorruptError(
-                        f"chunk {k} of {self.index.path(entry)!r} read back through the mount "
-                        "does not match the index"
-                    )
-                if out is not None:
-                    out.append(data)
-                else:
-                    self.store.cache_put(ref.hex, data, pool)
-                written += 1
+        for k in chunks:
+            ref = self.index.file_chunk(entry, k)
+            if out is None and self.tiers.is_local(ref):
+                continue
+            data = pool.take(ref.raw_length)
+            # Opened per chunk: an open file keeps the mount busy, and `fastboot image umount`
+            # right after a read must not fail for this (it retries a busy unmount briefly).
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                got = os.preadv(fd, [data], k * self.index.chunk_size_of(entry))
+            finally:
+                os.close(fd)
+            if got != ref.raw_length or digest_of(data) != ChunkDigest(ref.digest):
+                raise ImageCorruptError(
+                    f"chunk {k} of {self.index.path(entry)!r} read back through the mount "
+                    "does not match the index"
+                )
+            if out is not None:
+                out.append(data)
+            else:
+                self.store.cache_put(ref.hex, data, pool)
+            written += 1
         return written
 
     def _verify_later(self, entry: int) -> None:

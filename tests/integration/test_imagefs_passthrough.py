@@ -271,3 +271,22 @@ def test_a_stream_that_stops_early_has_its_chunks_cached(
     mounts("pt", point, pulled)
     with open(point / "big.bin", "rb", buffering=0) as fh:
         assert fh.read(head) == content[:head]  # from the SSD cache: the remote is down
+
+
+def test_an_unmount_right_after_a_stream_still_keeps_the_file(
+    pulled: ImageStore,
+    remote: Nginx,
+    tmp_path: Path,
+    content: bytes,
+    mounts: Callable[..., MountRecord],
+) -> None:
+    point = tmp_path / "mnt"
+    mounts("pt", point, pulled)
+    assert read_whole(point / "big.bin") == content
+    umount(point, pulled)  # at once: the daemon finishes keeping the file before it exits
+    [kept] = kept_files(pulled)
+    assert kept.read_bytes() == content
+
+    remote.stop()
+    again = mounts("pt", point, pulled)
+    until_passthrough(again, point / "big.bin", content)
