@@ -244,15 +244,19 @@ class ImageOperations(pyfuse3.Operations):
             return b""
         cs = self.index.chunk_size_of(entry)
         first, last = off // cs, (end - 1) // cs
-        sequential = off == f.next_offset
-        f.next_offset = end
+        # The kernel may send a stream's reads slightly out of order (concurrent readahead):
+        # a stream goes on with any read within a readahead window of its furthest read.
+        window = self.readahead_chunks * cs
+        in_stream = f.next_offset - window <= off <= f.next_offset + window
+        sequential = off == f.next_offset or (f.streaming and in_stream)
+        f.next_offset = max(f.next_offset, end) if f.streaming else end
         if off == 0 and f.read_bytes == 0 and self.passthrough is not None and not f.internal:
             # A big file read from its start is streamed: its chunks are not written to the SSD
             # cache while it is read (those writes halved a cold read's speed here), because
             # once read to the end it is kept whole, read back from the page cache; a stream
             # that stops early has its chunks cached then.
             f.streaming = self.passthrough.streams(entry)
-        elif f.streaming and not sequential:
+        elif f.streaming and not in_stream:
             self._stop_streaming(f)
         if f.streaming:
             f.unkept_to = max(f.unkept_to, last + 1)
