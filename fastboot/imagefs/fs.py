@@ -218,11 +218,13 @@ class ImageOperations(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         backing_id = 0
-        if self.passthrough is not None and not self._cached_opens.get(entry):
-            await self.passthrough.settle(entry)
-        if self.passthrough is not None and not self._cached_opens.get(entry):
-            backing_id = self.passthrough.open(entry)
-        internal = os.path.exists(f"/proc/self/task/{ctx.pid}")  # one of this daemon's threads
+        internal = False
+        if self.passthrough is not None:
+            if not self._cached_opens.get(entry):
+                await self.passthrough.settle(entry)
+                if not self._cached_opens.get(entry):  # none came in while it verified
+                    backing_id = self.passthrough.open(entry)
+            internal = os.path.exists(f"/proc/self/task/{ctx.pid}")  # one of this daemon's threads
         self._files[fh] = _OpenFile(entry, passthrough=backing_id > 0, internal=internal)
         if backing_id > 0:
             # keep_cache is not allowed with passthrough: the backing file's cache is the cache

@@ -84,6 +84,12 @@ def worth_it(index: ImageIndex) -> bool:
     return found is None or not index.is_regular(found)
 
 
+def big_files(index: ImageIndex, min_bytes: int = MIN_BYTES) -> list[int]:
+    """The regular files of index that may be kept whole (at least `min_bytes`)."""
+    big = np.nonzero(index.entries["size"] >= min_bytes)[0]
+    return [int(e) for e in big if index.is_regular(int(e))]
+
+
 def file_key(index: ImageIndex, entry: int) -> str:
     """The content address of one file: BLAKE3 over its chunk digests and its size."""
     import blake3
@@ -148,8 +154,7 @@ class Passthrough:
 
     def kept_entries(self) -> list[int]:
         """Entries with a kept file on disk (verified or not yet; blocking)."""
-        big = np.nonzero(self.index.entries["size"] >= self.min_bytes)[0]
-        return [int(e) for e in big if self.index.is_regular(int(e)) and self.path(int(e)).exists()]
+        return [e for e in big_files(self.index, self.min_bytes) if self.path(e).exists()]
 
     async def settle(self, entry: int) -> None:
         """Before an open of entry: a kept file left by an earlier mount is verified now, and
@@ -191,8 +196,7 @@ class Passthrough:
         if not self.enabled or self.index.size(entry) < self.min_bytes:
             return 0
         path = self._ready.get(entry)
-        if path is None:
-            self._verify_later(entry)
+        if path is None:  # not kept, or not verified yet (`settle` comes first)
             return 0
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -362,13 +366,6 @@ class Passthrough:
                 self.store.cache_put(ref.hex, data, pool)
             written += 1
         return written
-
-    def _verify_later(self, entry: int) -> None:
-        """A file kept by an earlier mount: check it (and write it again if it is bad)."""
-        if entry in self._busy or self.tiers.nursery is None or not self.path(entry).exists():
-            return
-        self._busy.add(entry)
-        self.tiers.nursery.start_soon(self._materialise, entry)
 
     async def _verify(self, entry: int) -> bool:
         """Whether the kept file of entry is intact (then it is ready); a bad one is removed."""

@@ -482,7 +482,6 @@ def _publish_copy(src: Path, dst: Path, tmp_dir: Path, replace: bool = False) ->
 
 def _passthrough_keys(index: ImageIndex) -> set[str]:
     """Keys of the files of index that passthrough may have written (big regular files)."""
-    from fastboot.imagefs.passthrough import MIN_BYTES, file_key
+    from fastboot.imagefs.passthrough import big_files, file_key
 
-    big = np.nonzero(index.entries["size"] >= MIN_BYTES)[0]
-    return {file_key(index, int(e)) for e in big if index.is_regular(int(e))}
+    return {file_key(index, e) for e in big_files(index)}

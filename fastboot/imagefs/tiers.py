@@ -170,8 +170,8 @@ class Tiers:
         # which cost more than everything else (fastboot/imagefs/buffers.py). Readahead waits
         # for room instead; chunks a reader fetched beyond twice the limit are not cached.
         self._from_remote.discard(ref.digest)
-        full = self._write_backlog and self._write_backlog + len(data) > 2 * self.write_backlog_max
-        if self.nursery is None or full:
+        assert self.nursery is not None  # only the daemon, with its nursery, writes behind
+        if self._write_backlog and self._write_backlog + len(data) > 2 * self.write_backlog_max:
             logger.debug("not caching chunk %s: the write queue is full", ref.hex[:16])
             return
         self._write_backlog += len(data)
