@@ -39,7 +39,7 @@ class DaemonConfig:
     """Serve /metrics on 127.0.0.1:PORT (0: textfile only)."""
     ram_bytes: int = 64 * 1024 * 1024
     threads: int = 8
-    readahead_chunks: int = 8
+    readahead_chunks: int = 12
     prefetch: bool = True
     prefetch_rate: int = 256 * 1024 * 1024
     """Bytes per second the profile replay may use (0: no cap)."""

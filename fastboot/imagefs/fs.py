@@ -95,7 +95,7 @@ class ImageOperations(pyfuse3.Operations):
         tiers: Tiers,
         metrics: Metrics,
         recorder: Recorder | None = None,
-        readahead_chunks: int = 8,
+        readahead_chunks: int = 12,
         passthrough: Passthrough | None = None,
     ) -> None:
         super().__init__()
@@ -284,6 +284,10 @@ class ImageOperations(pyfuse3.Operations):
                 hi = min(end - k * cs, len(data))
                 parts.append(memoryview(data)[lo:hi])
             out = b"".join(parts)
+        if sequential:
+            for k in range(first, last + 1):
+                if end >= min((k + 1) * cs, file_size):  # read to the chunk's end
+                    self.tiers.ram.demote(self.index.file_chunk(entry, k).digest)
         self.metrics.read_bytes.inc(end - off)
         # pyfuse3 takes any contiguous buffer (PyObject_GetBuffer), so a memoryview of the cached
         # chunk avoids copying it; its stub says bytes.
@@ -302,14 +306,21 @@ class ImageOperations(pyfuse3.Operations):
     def _readahead(self, f: _OpenFile, last: int) -> None:
         count = self.index.chunk_count(f.entry)
         start = max(f.readahead_to, last + 1)
-        stop = min(count, last + 1 + self.readahead_chunks)
+        stop = min(count, last + 1 + self._readahead_depth(f.entry))
         if start >= stop:
             return
-        f.readahead_to = stop
-        if f.streaming:
-            f.unkept_to = max(f.unkept_to, stop)
         refs = (self.index.file_chunk(f.entry, k) for k in range(start, stop))
-        self.tiers.readahead(refs, keep=not f.streaming)
+        # chunks the fetch threads had no room for now are asked for again at the next read
+        f.readahead_to = start + self.tiers.readahead(refs, keep=not f.streaming)
+        if f.streaming:
+            f.unkept_to = max(f.unkept_to, f.readahead_to)
+
+    def _readahead_depth(self, entry: int) -> int:
+        """Chunks to fetch ahead of a sequential reader: readahead_chunks, but never more than
+        the RAM cache holds beside the chunk being read and a few read slightly out of order
+        (a chunk read ahead and evicted before its reader came was fetched twice)."""
+        fits = self.tiers.ram.capacity // self.index.chunk_size_of(entry) - 4
+        return max(1, min(self.readahead_chunks, fits))
 
     @handler
     async def release(self, fh: pyfuse3.FileHandleT) -> None:

@@ -52,7 +52,7 @@ class MountOptions:
     touches fresh, which is dear on VMs (fastboot/imagefs/buffers.py): 64 MiB read a cold 1 GiB
     file at least as fast as 256 MiB here."""
     threads: int = 8
-    readahead_chunks: int = 8
+    readahead_chunks: int = 12
     prefetch: bool = True
     prefetch_rate: int = 256 * 1024 * 1024
     record: bool = True

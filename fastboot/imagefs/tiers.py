@@ -49,6 +49,14 @@ class RamCache:
     def __contains__(self, digest: bytes) -> bool:
         return digest in self._items
 
+    def demote(self, digest: bytes) -> None:
+        """Make `digest` the first to go: a chunk read to its end is in the kernel's page
+        cache now, while chunks read ahead are not read yet. Plain LRU kept the chunks just
+        read (touched last) and evicted the ones read ahead (inserted earlier), so a reader
+        with more than half the cache ahead of it fetched almost every chunk twice."""
+        if digest in self._items:
+            self._items.move_to_end(digest, last=False)
+
     def put(self, digest: bytes, data: Blob) -> None:
         if len(data) > self.capacity or digest in self._items:
             return
@@ -143,18 +151,21 @@ class Tiers:
                 self._queue_write(ref, data)
         return data
 
-    def readahead(self, refs: Iterable[ChunkRef], keep: bool = True) -> None:
-        """Fetch these chunks in the background (skipping ones in RAM or in flight)."""
-        if self.nursery is None:
-            return
-        for ref in refs:
+    def readahead(self, refs: Iterable[ChunkRef], keep: bool = True) -> int:
+        """Fetch these chunks in the background (skipping ones in RAM or in flight), as many as
+        there are fetch threads free; returns how many of `refs` (from the first) it saw to."""
+        if self.nursery is not None and self._readahead_budget <= 0:
+            return 0
+        seen = 0
+        for seen, ref in enumerate(refs, 1):
+            if self.nursery is None or ref.digest in self.ram or ref.digest in self._flights:
+                continue  # outside the daemon there is no background work
             if self._readahead_budget <= 0:
-                return
-            if ref.digest in self.ram or ref.digest in self._flights:
-                continue
+                return seen - 1
             self._readahead_budget -= 1
             self.metrics.readahead.inc()
             self.nursery.start_soon(self._background_get, ref, keep)
+        return seen
 
     def last_tier_remote(self, ref: ChunkRef) -> bool:
         return ref.digest in self._from_remote

@@ -7,6 +7,7 @@ import threading
 import time
 from pathlib import Path
 
+import pyfuse3
 import pytest
 import trio
 import trio.testing
@@ -14,6 +15,7 @@ import trio.testing
 from fastboot.errors import ImageCorruptError, RemoteError
 from fastboot.imagefs import index as ix
 from fastboot.imagefs.build import build
+from fastboot.imagefs.fs import ImageOperations
 from fastboot.imagefs.metrics import Metrics
 from fastboot.imagefs.prefetch import Recorder, TokenBucket, load_profile, plan
 from fastboot.imagefs.store import ImageStore
@@ -146,6 +148,72 @@ def test_ram_cache_evicts_least_recently_used() -> None:
     assert b"b" not in ram and b"a" in ram and b"c" in ram
     ram.put(b"huge", b"x" * 11)
     assert b"huge" not in ram
+
+
+def test_ram_cache_evicts_a_demoted_chunk_first() -> None:
+    ram = RamCache(capacity=10)
+    ram.put(b"read", b"12345")
+    ram.put(b"ahead", b"12345")
+    assert ram.get(b"read") == b"12345"  # touched last, but read to its end:
+    ram.demote(b"read")
+    ram.put(b"next", b"12345")
+    assert b"read" not in ram and b"ahead" in ram and b"next" in ram
+
+
+def test_a_reader_reading_ahead_of_a_small_ram_cache_fetches_each_chunk_once(
+    tmp_path: Path,
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f.bin").write_bytes(os.urandom(16 << 20))
+    origin = ImageStore(tmp_path / "origin")
+    index = origin.load_index(build(origin, src, "i", chunk_size=1 << 20, progress=False).index)
+    remote = FakeRemote(origin)
+    metrics = Metrics()
+    # 8 chunks of RAM and 16 asked for ahead: LRU used to evict the chunks read ahead (inserted
+    # before the reader touched the ones it had read) and fetch them again
+    tiers = Tiers(ImageStore(tmp_path / "host").ensure(), remote, metrics, ram_bytes=8 << 20)  # type: ignore[arg-type]
+    ops = ImageOperations(index, tiers, metrics, None, 16, None)
+    entry = index.resolve("f.bin") or 0
+    got = bytearray()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            tiers.nursery = nursery
+            info = await ops.open(pyfuse3.InodeT(entry + 1), os.O_RDONLY, None)  # type: ignore[arg-type]
+            for off in range(0, 16 << 20, 256 << 10):
+                got.extend(await ops.read(info.fh, off, 256 << 10))
+                await trio.sleep(0)  # let readahead land, as between a kernel's requests
+            await ops.release(info.fh)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert bytes(got) == (src / "f.bin").read_bytes()
+    # each chunk loaded once (a refetch would come from the SSD cache or the remote)
+    assert count(metrics, "misses", "ram") == 16
+    assert remote.calls == 16
+
+
+def test_readahead_reports_how_far_it_got_when_the_threads_are_busy(tmp_path: Path) -> None:
+    host, index, remote = distinct_chunks(tmp_path)
+    remote.delay = 0.2
+    metrics = Metrics()
+    tiers = Tiers(host, remote, metrics, threads=2)  # type: ignore[arg-type]
+    entry = index.resolve("a.bin") or 0
+    refs = [index.file_chunk(entry, k) for k in range(3)]
+
+    async def main() -> tuple[int, int, int]:
+        async with trio.open_nursery() as nursery:
+            tiers.nursery = nursery
+            first = tiers.readahead(refs)  # two threads: two fetches start
+            again = tiers.readahead(refs)  # no thread free: nothing seen to, asked again later
+            while not (refs[0].digest in tiers.ram and refs[1].digest in tiers.ram):
+                await trio.sleep(0.01)
+            later = tiers.readahead(refs)  # two in RAM are passed over, the third starts
+            nursery.cancel_scope.cancel()
+        return first, again, later
+
+    assert trio.run(main) == (2, 0, 3)
 
 
 def ref(pack: str, offset: int, length: int) -> ix.ChunkRef:
