@@ -238,6 +238,9 @@ def bench_sequential(work: Path, server: Nginx) -> dict[str, Any]:
     point = work / "mnt-big"
     point.mkdir()
     opts = MountOptions(prefetch=False, record=False)  # the defaults, less profile record/replay
+    # The build and push above left ~2 GiB of dirty pages: flushed now, so that their write-back
+    # does not overlap a timed read.
+    os.sync()
     # Cold: every round a fresh mount, an empty SSD cache and no kept file; the served pack is
     # read first, as a CDN or image server would have it in RAM. Medians: rounds on this shared
     # host vary by 2x (docs/imagefs.md).
