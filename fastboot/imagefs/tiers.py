@@ -154,12 +154,14 @@ class Tiers:
     def readahead(self, refs: Iterable[ChunkRef], keep: bool = True) -> int:
         """Fetch these chunks in the background (skipping ones in RAM or in flight), as many as
         there are fetch threads free; returns how many of `refs` (from the first) it saw to."""
-        if self.nursery is not None and self._readahead_budget <= 0:
+        if self.nursery is None:  # outside the daemon there is no background work
+            return sum(1 for _ in refs)
+        if self._readahead_budget <= 0:
             return 0
         seen = 0
         for seen, ref in enumerate(refs, 1):
-            if self.nursery is None or ref.digest in self.ram or ref.digest in self._flights:
-                continue  # outside the daemon there is no background work
+            if ref.digest in self.ram or ref.digest in self._flights:
+                continue
             if self._readahead_budget <= 0:
                 return seen - 1
             self._readahead_budget -= 1
