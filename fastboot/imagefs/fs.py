@@ -29,7 +29,7 @@ from fastboot.imagefs.index import ImageIndex
 from fastboot.imagefs.metrics import Metrics
 from fastboot.imagefs.passthrough import Passthrough
 from fastboot.imagefs.prefetch import Recorder
-from fastboot.imagefs.tiers import Blob, Tiers
+from fastboot.imagefs.tiers import Tiers
 
 logger = logging.getLogger(__name__)
 
@@ -272,29 +272,19 @@ class ImageOperations(pyfuse3.Operations):
             for k in range(first, last + 1):
                 self.recorder.note(entry, k)
         keep = not f.streaming
-        if first == last:
-            data = await self._chunk(entry, first, keep)
-            start = off - first * cs
-            out: Any = memoryview(data)[start : start + end - off]
-        else:
-            parts = []
-            for k in range(first, last + 1):
-                data = await self._chunk(entry, k, keep)
-                lo = max(off - k * cs, 0)
-                hi = min(end - k * cs, len(data))
-                parts.append(memoryview(data)[lo:hi])
-            out = b"".join(parts)
-        if sequential:
-            for k in range(first, last + 1):
-                if end >= min((k + 1) * cs, file_size):  # read to the chunk's end
-                    self.tiers.ram.demote(self.index.file_chunk(entry, k).digest)
+        parts = []
+        for k in range(first, last + 1):
+            ref = self.index.file_chunk(entry, k)
+            data = await self.tiers.get(ref, keep=keep)
+            parts.append(memoryview(data)[max(off - k * cs, 0) : min(end - k * cs, len(data))])
+            if sequential and end >= min((k + 1) * cs, file_size):
+                # read to the chunk's end: the page cache has it now (RamCache.demote)
+                self.tiers.ram.demote(ref.digest)
+        out: Any = parts[0] if len(parts) == 1 else b"".join(parts)
         self.metrics.read_bytes.inc(end - off)
         # pyfuse3 takes any contiguous buffer (PyObject_GetBuffer), so a memoryview of the cached
         # chunk avoids copying it; its stub says bytes.
         return cast(bytes, out)
-
-    async def _chunk(self, entry: int, k: int, keep: bool = True) -> Blob:
-        return await self.tiers.get(self.index.file_chunk(entry, k), keep=keep)
 
     def _stop_streaming(self, f: _OpenFile) -> None:
         """f left its stream before the end: cache the chunks the stream left out."""

@@ -297,7 +297,7 @@ def umount(mountpoint: Path, store: ImageStore | None = None, lazy: bool = False
                 break
             time.sleep(0.05)
         if result.returncode != 0:
-            if "busy" in result.stderr.lower():
+            if busy:
                 raise MountError(
                     f"{point} is busy: processes still use files there (see `fuser -vm "
                     f"{point}`); stop them, or unmount with --lazy"
