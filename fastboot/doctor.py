@@ -212,13 +212,18 @@ def check_fuse() -> Check:
         return Check("fuse", False, "; ".join(problems), fix, needed)
     detail = f"/dev/fuse usable, {fusermount}, pyfuse3 {pyfuse3[1] if pyfuse3 else ''}"
     try:
+        import pyfuse3 as pyfuse3_module
+
         from fastboot.imagefs.passthrough import supported
 
         through = supported()
+        nogil = bool(getattr(pyfuse3_module, "READ_REPLY_RELEASES_GIL", False))
     except ImportError:  # trio missing: the fuse line's other checks say what to install
-        through = False
+        through = nogil = False
     if through:
         detail += ", passthrough (warm reads of whole files at local-disk speed)"
+        if nogil:
+            detail += ", read replies without the GIL (cold reads overlap fetches)"
     else:
         detail += (
             "; no passthrough: the daemon serves every read (bash "

@@ -9,8 +9,10 @@
 # do not. So:
 #   1. libfuse from Debian unstable's source (the tarball checked against the SHA256 in Debian's
 #      signed Sources index), built with meson into PREFIX (the system's libfuse is untouched);
-#   2. pyfuse3 3.5.0's sdist from PyPI (pinned by SHA256) with patches/pyfuse3-passthrough.patch,
-#      built against PREFIX (rpath) and installed into PYTHON's environment.
+#   2. pyfuse3 3.5.0's sdist from PyPI (pinned by SHA256) with patches/pyfuse3-passthrough.patch
+#      and patches/pyfuse3-read-nogil.patch (read replies sent without the GIL, so the kernel's
+#      copy of a reply does not stop the daemon's fetch threads), built against PREFIX (rpath)
+#      and installed into PYTHON's environment.
 # On any failure the installed pyfuse3 stays as it was and ImageFS serves every read itself
 # (exit 0 with a warning): passthrough is a speed-up, never a requirement.
 set -euo pipefail
@@ -21,27 +23,35 @@ suite=${FASTBOOT_FUSE_SUITE:-sid}
 pyfuse3_version=3.5.0
 pyfuse3_sha256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
 here=$(cd "$(dirname "$0")" && pwd)
-patch=$(ls "$here/../../patches/pyfuse3-passthrough.patch" \
-           "$here/../../fastboot_patches/pyfuse3-passthrough.patch" 2>/dev/null | head -1 || true)
-patch_sum=$([ -n "$patch" ] && sha256sum "$patch" | cut -c1-64 || true)
-stamp_want="$pyfuse3_version $patch_sum $prefix"
+# In a checkout: patches/; installed: the package fastboot_patches next to fastboot/.
+patch_dir=$(ls -d "$here/../../patches" "$here/../../fastboot_patches" 2>/dev/null | head -1 || true)
+patches=()  # applied in this order
+for name in pyfuse3-passthrough.patch pyfuse3-read-nogil.patch; do
+    [ -f "$patch_dir/$name" ] && patches+=("$patch_dir/$name")
+done
+patch_sums=$([ ${#patches[@]} -gt 0 ] && cat "${patches[@]}" | sha256sum | cut -c1-64 || true)
+stamp_want="$pyfuse3_version $patch_sums $prefix"
 
 log() { printf 'provision-fuse: %s\n' "$*"; }
 has_passthrough() {  # the environment's pyfuse3 is the patched build, linked to PREFIX's libfuse
     "$python" - "$prefix" <<'PY' 2>/dev/null
 import sys, pyfuse3, pathlib
 lib = pathlib.Path(pyfuse3.__file__).read_bytes()
-ok = hasattr(pyfuse3, "get_session_fd") and sys.argv[1].encode() in lib
+ok = (
+    hasattr(pyfuse3, "get_session_fd")
+    and getattr(pyfuse3, "READ_REPLY_RELEASES_GIL", False)
+    and sys.argv[1].encode() in lib
+)
 sys.exit(0 if ok else 1)
 PY
 }
 site=$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')
 stamp="$site/.fastboot-pyfuse3-passthrough"
 if has_passthrough && [ "$(cat "$stamp" 2>/dev/null)" = "$stamp_want" ]; then
-    log "pyfuse3 with passthrough is installed (libfuse in $prefix)"
+    log "pyfuse3 with passthrough and read-nogil is installed (libfuse in $prefix)"
     exit 0
 fi
-[ -n "$patch" ] || { log "patches/pyfuse3-passthrough.patch not found; no passthrough" >&2; exit 0; }
+[ ${#patches[@]} -eq 2 ] || { log "pyfuse3 patches not found in patches/; no passthrough" >&2; exit 0; }
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -82,8 +92,11 @@ build_pyfuse3() {
         "pyfuse3==$pyfuse3_version" >"$work/pip.log" 2>&1 || { tail -5 "$work/pip.log" >&2; return 1; }
     echo "$pyfuse3_sha256  $sdist" | sha256sum -c --quiet - || return 1
     tar -xzf "$sdist" -C "$work"
-    (cd "$work/pyfuse3-$pyfuse3_version" && patch -p1 --quiet < "$patch") || return 1
-    log "building pyfuse3 $pyfuse3_version with the passthrough patch against $prefix"
+    local p
+    for p in "${patches[@]}"; do
+        (cd "$work/pyfuse3-$pyfuse3_version" && patch -p1 --quiet < "$p") || return 1
+    done
+    log "building pyfuse3 $pyfuse3_version with the passthrough and read-nogil patches against $prefix"
     PKG_CONFIG_PATH="$prefix/lib/pkgconfig" LDFLAGS="-Wl,-rpath,$prefix/lib" \
         "$python" -m pip wheel -q --no-deps -w "$work/wheels" "$work/pyfuse3-$pyfuse3_version" \
         >"$work/wheel.log" 2>&1 || { tail -20 "$work/wheel.log" >&2; return 1; }
@@ -96,7 +109,7 @@ build_pyfuse3() {
 if build_libfuse && build_pyfuse3 && has_passthrough; then
     echo "$stamp_want" > "$stamp"
     version=$(PKG_CONFIG_PATH="$prefix/lib/pkgconfig" pkg-config --modversion fuse3 || true)
-    log "pyfuse3 $pyfuse3_version with passthrough installed (libfuse $version in $prefix)"
+    log "pyfuse3 $pyfuse3_version with passthrough and read-nogil installed (libfuse $version in $prefix)"
 else
     log "WARNING: FUSE passthrough could not be provisioned; ImageFS will serve every read itself" >&2
 fi

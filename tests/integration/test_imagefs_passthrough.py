@@ -3,7 +3,8 @@ opens are read by the kernel from that file, never by the daemon; a cached open 
 cached; a corrupted kept file is detected and never served; `passthrough=False` keeps the old
 behaviour. With nginx as the remote: a streamed file is kept whole (read back from the page
 cache, each chunk fetched once) instead of chunk by chunk, and then served with the remote down;
-a stream that stops early has its chunks cached. Needs the patched pyfuse3
+a stream that stops early has its chunks cached; concurrent readers get exact bytes while the
+daemon's replies are sent without the GIL. Needs the patched pyfuse3
 (fastboot/imagefs/provision-fuse.sh, run by scripts/setup).
 """
 
@@ -13,6 +14,7 @@ import mmap
 import os
 import random
 import stat
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -127,6 +129,43 @@ def test_big_file_read_whole_is_then_read_by_the_kernel(
     assert after["fastboot_imagefs_passthrough_opens_total"] >= 2
     # not one more byte went through the daemon: the kernel read the kept file
     assert after["fastboot_imagefs_read_bytes_total"] == served
+
+
+def test_concurrent_readers_get_exact_bytes_while_replies_are_sent_without_the_gil(
+    image: ImageStore, tmp_path: Path, content: bytes, mounts: Callable[..., MountRecord]
+) -> None:
+    """patches/pyfuse3-read-nogil.patch lets the daemon's threads run while the kernel copies a
+    reply out of a chunk buffer: four readers at scattered offsets through a RAM cache of two
+    chunks (so buffers are evicted and reused all along) must still get exactly the image's
+    bytes, and no reply may come from a buffer handed out again meanwhile."""
+    import pyfuse3
+
+    assert pyfuse3.READ_REPLY_RELEASES_GIL  # the provisioned build (provision-fuse.sh)
+    point = tmp_path / "mnt"
+    options = MountOptions(ram_bytes=8 * MiB, passthrough=False, prefetch=False, record=False)
+    record = mounts("pt", point, image, options)
+    path = point / "big.bin"
+    spans = [(random.Random(n).randrange(SIZE - MiB), MiB) for n in range(48)]
+    errors: list[str] = []
+
+    def read_spans(part: list[tuple[int, int]]) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for offset, length in part:
+                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+                if os.pread(fd, length, offset) != content[offset : offset + length]:
+                    errors.append(f"wrong bytes at {offset}+{length}")
+        finally:
+            os.close(fd)
+
+    readers = [threading.Thread(target=read_spans, args=(spans[i::4],)) for i in range(4)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(timeout=120)
+    assert not any(reader.is_alive() for reader in readers), "a reader hung"
+    assert errors == []
+    assert settle(record)["fastboot_imagefs_read_bytes_total"] >= len(spans) * MiB
 
 
 def test_an_open_served_by_the_daemon_keeps_its_inode_so_until_closed(
