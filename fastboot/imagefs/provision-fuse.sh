@@ -33,7 +33,7 @@ patch_sums=$([ ${#patches[@]} -gt 0 ] && cat "${patches[@]}" | sha256sum | cut -
 stamp_want="$pyfuse3_version $patch_sums $prefix"
 
 log() { printf 'provision-fuse: %s\n' "$*"; }
-has_passthrough() {  # the environment's pyfuse3 is the patched build, linked to PREFIX's libfuse
+has_patched_build() {  # the environment's pyfuse3 has both patches and links PREFIX's libfuse
     "$python" - "$prefix" <<'PY' 2>/dev/null
 import sys, pyfuse3, pathlib
 lib = pathlib.Path(pyfuse3.__file__).read_bytes()
@@ -47,7 +47,7 @@ PY
 }
 site=$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')
 stamp="$site/.fastboot-pyfuse3-passthrough"
-if has_passthrough && [ "$(cat "$stamp" 2>/dev/null)" = "$stamp_want" ]; then
+if has_patched_build && [ "$(cat "$stamp" 2>/dev/null)" = "$stamp_want" ]; then
     log "pyfuse3 with passthrough and read-nogil is installed (libfuse in $prefix)"
     exit 0
 fi
@@ -106,7 +106,7 @@ build_pyfuse3() {
         >>"$work/install.log" 2>&1 || { tail -5 "$work/install.log" >&2; return 1; }
 }
 
-if build_libfuse && build_pyfuse3 && has_passthrough; then
+if build_libfuse && build_pyfuse3 && has_patched_build; then
     echo "$stamp_want" > "$stamp"
     version=$(PKG_CONFIG_PATH="$prefix/lib/pkgconfig" pkg-config --modversion fuse3 || true)
     log "pyfuse3 $pyfuse3_version with passthrough and read-nogil installed (libfuse $version in $prefix)"
