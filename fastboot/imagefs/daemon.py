@@ -21,6 +21,10 @@ from pathlib import Path
 
 from fastboot.errors import FastbootError
 
+#: Chunks fetched ahead of a sequential reader (capped by the RAM cache: fs.py's
+#: _readahead_depth); the one default for MountOptions and DaemonConfig.
+READAHEAD_CHUNKS = 12
+
 logger = logging.getLogger("fastboot.imagefs.daemon")
 
 
@@ -39,7 +43,7 @@ class DaemonConfig:
     """Serve /metrics on 127.0.0.1:PORT (0: textfile only)."""
     ram_bytes: int = 64 * 1024 * 1024
     threads: int = 8
-    readahead_chunks: int = 12
+    readahead_chunks: int = READAHEAD_CHUNKS
     prefetch: bool = True
     prefetch_rate: int = 256 * 1024 * 1024
     """Bytes per second the profile replay may use (0: no cap)."""

@@ -94,8 +94,8 @@ class ImageOperations(pyfuse3.Operations):
         index: ImageIndex,
         tiers: Tiers,
         metrics: Metrics,
-        recorder: Recorder | None = None,
-        readahead_chunks: int = 12,
+        recorder: Recorder | None,
+        readahead_chunks: int,
         passthrough: Passthrough | None = None,
     ) -> None:
         super().__init__()

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from fastboot import envs
 from fastboot.errors import DependencyError, MountError
-from fastboot.imagefs.daemon import DaemonConfig
+from fastboot.imagefs.daemon import READAHEAD_CHUNKS, DaemonConfig
 from fastboot.imagefs.store import ImageStore, MountRecord, pid_alive
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class MountOptions:
     touches fresh, which is dear on VMs (fastboot/imagefs/buffers.py): 64 MiB read a cold 1 GiB
     file at least as fast as 256 MiB here."""
     threads: int = 8
-    readahead_chunks: int = 12
+    readahead_chunks: int = READAHEAD_CHUNKS
     prefetch: bool = True
     prefetch_rate: int = 256 * 1024 * 1024
     record: bool = True
