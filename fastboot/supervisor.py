@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import BinaryIO, ClassVar
 
 from fastboot.errors import DependencyError
+from fastboot.proctree import children, held_signals
 from fastboot.snapshot import iouring, isolation, shm
 
 logger = logging.getLogger(__name__)
@@ -69,23 +70,6 @@ class OutputPump(threading.Thread):
 
     def tail(self) -> str:
         return "\n".join(line.decode(errors="replace") for line in self._tail)
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-def tree_pids(root: int) -> list[int]:
-    """root and all its descendants (host pids)."""
-    pids, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        pids.append(pid)
-        todo.extend(_children(pid))
-    return pids
 
 
 class EngineTree:
@@ -134,32 +118,35 @@ class EngineTree:
             command = ["unshare", "--pid", "--fork", "--", *iouring.wrap(argv, setsid=True)]
         else:
             command = [*isolation.engine_wrapper(netns), *iouring.wrap(argv, setsid=True)]
-        try:
-            popen = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=write_fd,
-                stderr=write_fd,
-                env=dict(env),
-                start_new_session=True,
-            )
-        except FileNotFoundError as exc:
-            os.close(read_fd)
-            raise DependencyError("`unshare` (util-linux) is needed to launch engines") from exc
-        finally:
-            os.close(write_fd)
-        pump = OutputPump(read_fd, sink)
-        deadline = time.monotonic() + 30
-        while not (kids := _children(popen.pid)):
-            if popen.poll() is not None or time.monotonic() > deadline:
-                raise DependencyError(
-                    f"could not start the engine in a pid namespace (unshare exited "
-                    f"{popen.returncode}); run `fastboot doctor`"
+        # Signals wait until the tree is in EngineTree.live: a Ctrl-C raised inside Popen()
+        # would leave an engine nobody stops (see fastboot.proctree).
+        with held_signals():
+            try:
+                popen = subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=write_fd,
+                    stderr=write_fd,
+                    env=dict(env),
+                    start_new_session=True,
                 )
-            time.sleep(0.01)
-        root = kids[0]
-        stdio = os.readlink(f"/proc/{root}/fd/1")
-        return cls(root, popen, stdio, pump, shm_at_start, isolated=netns is not None)
+            except FileNotFoundError as exc:
+                os.close(read_fd)
+                raise DependencyError("`unshare` (util-linux) is needed to launch engines") from exc
+            finally:
+                os.close(write_fd)
+            pump = OutputPump(read_fd, sink)
+            deadline = time.monotonic() + 30
+            while not (kids := children(popen.pid)):
+                if popen.poll() is not None or time.monotonic() > deadline:
+                    raise DependencyError(
+                        f"could not start the engine in a pid namespace (unshare exited "
+                        f"{popen.returncode}); run `fastboot doctor`"
+                    )
+                time.sleep(0.01)
+            root = kids[0]
+            stdio = os.readlink(f"/proc/{root}/fd/1")
+            return cls(root, popen, stdio, pump, shm_at_start, isolated=netns is not None)
 
     @classmethod
     def adopt_restored(

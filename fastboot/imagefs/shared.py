@@ -36,18 +36,16 @@ import logging
 import os
 import secrets
 import shutil
-import signal
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from fastboot import envs
 from fastboot.errors import MountError
 from fastboot.imagefs.mount import MountOptions, mount, probe, umount
 from fastboot.imagefs.store import ImageRef, ImageStore
+from fastboot.proctree import held_signals
 
 logger = logging.getLogger(__name__)
 
@@ -73,30 +71,6 @@ def _user_name(pid: int) -> str:
 def _live(user: str) -> bool:
     pid, started, *_ = [*user.split("-"), ""]
     return pid.isdigit() and _start_time(int(pid)) == started
-
-
-@contextlib.contextmanager
-def _held_signals() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM for the block, then deliver them to the handlers in place before.
-    Only the main thread has signal handlers; elsewhere this holds nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    arrived: list[int] = []
-
-    def hold(signum: int, frame: FrameType | None) -> None:
-        arrived.append(signum)
-
-    previous: dict[signal.Signals, Any] = {
-        s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
-        yield
-    finally:
-        for which, handler in previous.items():
-            signal.signal(which, handler)
-        for signum in dict.fromkeys(arrived):
-            signal.raise_signal(signum)
 
 
 @contextlib.contextmanager
@@ -137,7 +111,7 @@ class SharedMount:
         ref = self.store.read_ref(self.name)
         point = stable_mountpoint(ref.index)
         users = Path(f"{point}.users")
-        with _held_signals(), _locked(point):
+        with held_signals(), _locked(point):
             state = probe(str(point))
             if state == "mounted":
                 record = next((m for m in self.store.mounts() if m.mountpoint == str(point)), None)

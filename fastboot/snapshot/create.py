@@ -22,11 +22,12 @@ from typing import Any, BinaryIO
 from fastboot import __version__, engines, envs, netns
 from fastboot.engines import hooks, vllm
 from fastboot.errors import FastbootError
+from fastboot.proctree import tree_pids
 from fastboot.snapshot import criu as criu_mod
 from fastboot.snapshot import fingerprint, isolation, shm
 from fastboot.snapshot.digests import DigestCache
 from fastboot.snapshot.store import Manifest, SnapshotId, Store
-from fastboot.supervisor import EngineTree, become_subreaper, stdout_sink, stop_all, tree_pids
+from fastboot.supervisor import EngineTree, become_subreaper, stdout_sink, stop_all
 
 logger = logging.getLogger(__name__)
 

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from fastboot import envs
 from fastboot.errors import CriuError, CriuMissingError
+from fastboot.proctree import held_signals, kill_tree
 
 logger = logging.getLogger(__name__)
 
@@ -61,15 +62,13 @@ class Criu:
     def check(self, timeout: float = 60.0) -> str:
         """Run `criu check`; returns its output, raises CriuError when the kernel falls short."""
         try:
-            result = subprocess.run(
-                [self.path, "check"], capture_output=True, text=True, timeout=timeout, check=False
-            )
+            returncode, output = _run([self.path, "check"], timeout)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise CriuError("check", str(exc)) from exc
-        output = (result.stdout + result.stderr).strip()
-        if result.returncode != 0:
+        output = output.strip()
+        if returncode != 0:
             lines = [ln for ln in output.splitlines() if "Error" in ln] or output.splitlines()
-            raise CriuError("check", lines[-1] if lines else f"exit code {result.returncode}")
+            raise CriuError("check", lines[-1] if lines else f"exit code {returncode}")
         return output
 
 
@@ -191,26 +190,41 @@ def _run_criu(
     ]
     logger.debug("running %s", " ".join(command))
     try:
-        result = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            pass_fds=pass_fds,
-            check=False,
-        )
+        returncode, output = _run(command, timeout, pass_fds)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise CriuError(operation, str(exc), log) from exc
-    if result.returncode != 0:
-        raise CriuError(operation, _first_error(log, result.stderr), log)
+    if returncode != 0:
+        raise CriuError(operation, _first_error(log, output), log)
 
 
-def _first_error(log: Path, stderr: str) -> str:
+def _run(command: list[str], timeout: float, pass_fds: tuple[int, ...] = ()) -> tuple[int, str]:
+    """Run criu to the end; (exit code, stdout + stderr). On a timeout or an exception (a
+    Ctrl-C), criu is killed with everything it started (see fastboot.proctree)."""
+    proc: subprocess.Popen[str] | None = None
+    try:
+        with held_signals():
+            proc = subprocess.Popen(
+                command,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                pass_fds=pass_fds,
+                process_group=0,
+            )
+        output, _ = proc.communicate(timeout=timeout)
+    except BaseException:
+        if proc is not None:
+            kill_tree(proc)
+        raise
+    return proc.returncode, output
+
+
+def _first_error(log: Path, output: str) -> str:
     """CRIU's most telling line: the first Error that is not the harmless rlimit warning."""
     try:
         lines = log.read_text(errors="replace").splitlines()
     except OSError:
-        lines = stderr.splitlines()
+        lines = output.splitlines()
     errors = [ln for ln in lines if "Error" in ln and "RLIMIT_NOFILE" not in ln]
     return (errors or lines or ["no output"])[0].strip()
 

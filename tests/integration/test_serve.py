@@ -72,6 +72,8 @@ class Setup:
         while (left := processes_mentioning(f"--port {self.port}")) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not left, f"orphans: {left}\n{run.text()[-3000:]}"
+        # criu (and its helpers) run with their work dir in fastboot's temp dir.
+        assert not (left := processes_mentioning(str(self.tmp))), f"orphans: {left}"
         # fastboot's own temp dirs; the engine's ZMQ socket files are vLLM's (plain vllm serve
         # leaves them too, and a restore re-binds them).
         assert not list(self.tmp.glob("fastboot-*")), list(self.tmp.iterdir())
@@ -396,14 +398,15 @@ def test_killed_mid_dump_publishes_nothing_and_the_next_run_works(
     shm_before = set(os.listdir("/dev/shm"))
     run = setup.run("killed-mid-dump", snapshots)
     run.wait_for("cold boot ready in", 600)
+    this_dump = f"dump --images-dir {snapshots}/"  # not a stray criu of an earlier test
     deadline = time.monotonic() + 120
-    while not processes_mentioning("dump --images-dir"):
+    while not processes_mentioning(this_dump):
         assert time.monotonic() < deadline and run.proc.poll() is None, run.text()[-3000:]
         time.sleep(0.05)
     os.kill(run.proc.pid, signal.SIGKILL)  # fastboot alone, mid-dump
     run.proc.wait()
     deadline = time.monotonic() + 120
-    while processes_mentioning("dump --images-dir") and time.monotonic() < deadline:
+    while processes_mentioning(this_dump) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not snapshot_ids(snapshots)
     # criu finished the dump on its own and killed the engine: nothing of that run survives.
