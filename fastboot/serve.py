@@ -42,6 +42,7 @@ from fastboot.snapshot.create import (
     engine_env,
     gpu_after_restore,
     key_id,
+    restore_and_adopt,
     take,
 )
 from fastboot.snapshot.digests import DigestCache, file_digest
@@ -395,19 +396,20 @@ def _try_restore(
 
 
 def _restore(criu: criu_mod.Criu, path: Path, manifest: Manifest, workdir: Path) -> EngineTree:
-    read_fd, write_fd = os.pipe()
     with shm.criu_lock():
         placed = shm.put_back(path / "shm")
         try:
-            pid = criu_mod.restore(criu, path / "images", workdir, manifest.stdio_pipe, write_fd)
-        except BaseException:
-            os.close(read_fd)
-            raise
+            tree = restore_and_adopt(
+                workdir,
+                lambda fd: criu_mod.restore(
+                    criu, path / "images", workdir, manifest.stdio_pipe, fd
+                ),
+                manifest.stdio_pipe,
+                stdout_sink(),
+            )
         finally:
-            os.close(write_fd)
             # CRIU consumed its link_remap files; the engine keeps the psm_* segments it needs.
             shm.remove([n for n in placed if n.startswith("link_remap.")])
-    tree = EngineTree.adopt_restored(pid, read_fd, manifest.stdio_pipe, stdout_sink())
     tree.shm_names = {n for n in placed if not n.startswith("link_remap.")}
     gpu_after_restore(tree, manifest)
     return tree

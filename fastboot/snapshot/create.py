@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 from fastboot import __version__, engines, envs, netns
 from fastboot.engines import hooks, vllm
 from fastboot.errors import FastbootError
-from fastboot.proctree import tree_pids
+from fastboot.proctree import held_signals, tree_pids
 from fastboot.snapshot import criu as criu_mod
 from fastboot.snapshot import fingerprint, isolation, shm
 from fastboot.snapshot.digests import DigestCache
@@ -203,26 +203,42 @@ def restore_isolated(
     """Restore an isolated snapshot into link's namespace (no readiness check here); the
     engine's output goes to sink (default: fastboot's stdout)."""
     criu = criu_mod.find_criu()
-    path = store.path(manifest.id)
-    read_fd, write_fd = os.pipe()
-    try:
-        pid = isolation.restore(
-            criu,
-            path / "images",
-            attempt_dir(run_dir, "restore"),
-            link.netns,
-            manifest.stdio_pipe,
-            write_fd,
-        )
-    except BaseException:
-        os.close(read_fd)
-        raise
-    finally:
-        os.close(write_fd)
-    tree = EngineTree.adopt_restored(
-        pid, read_fd, manifest.stdio_pipe, sink or stdout_sink(), isolated=True
+    images, workdir = store.path(manifest.id) / "images", attempt_dir(run_dir, "restore")
+    tree = restore_and_adopt(
+        workdir,
+        lambda fd: isolation.restore(criu, images, workdir, link.netns, manifest.stdio_pipe, fd),
+        manifest.stdio_pipe,
+        sink or stdout_sink(),
+        isolated=True,
     )
     gpu_after_restore(tree, manifest)
+    return tree
+
+
+def restore_and_adopt(
+    workdir: Path,
+    restore: Callable[[int], int],
+    stdio_pipe: str,
+    sink: BinaryIO,
+    isolated: bool = False,
+) -> EngineTree:
+    """Run restore(stdout write fd) -> restored pid, and take the tree over. However an
+    exception or a Ctrl-C interrupts, the restored tree is either adopted (so stop_all() stops
+    it) or killed: never left running with nobody holding it."""
+    read_fd, write_fd = os.pipe()
+    tree = None
+    try:
+        try:
+            pid = restore(write_fd)
+        finally:
+            os.close(write_fd)
+        with held_signals():  # from here the tree's output pump owns read_fd
+            tree = EngineTree.adopt_restored(pid, read_fd, stdio_pipe, sink, isolated)
+    except BaseException:
+        if tree is None:
+            criu_mod.kill_unadopted(workdir)
+            os.close(read_fd)
+        raise
     return tree
 
 

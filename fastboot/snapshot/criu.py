@@ -24,11 +24,13 @@ fastboot passes it whenever the CRIU has it, except:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +84,8 @@ def parse_version(text: str) -> tuple[int, int, int] | None:
 
 #: The restore option of fastboot's CRIU patch.
 PAGE_MAPPING = "--mmap-page-image"
+#: Where `restore` has criu write the restored root's pid, in its work dir.
+RESTORED_PIDFILE = "restored.pid"
 
 
 def _output(argv: list[str]) -> str | None:
@@ -278,7 +282,7 @@ def restore(
 ) -> int:
     """Restore detached; the engine's stdout/stderr pipe is replaced by stdio_fd (the write end of
     a new pipe). Returns the restored root's pid (a child of the nearest subreaper)."""
-    pidfile = workdir / "restored.pid"
+    pidfile = workdir / RESTORED_PIDFILE
     argv = ["--restore-detached", "--pidfile", str(pidfile)]
     if maps_pages(criu, images):
         argv.append(PAGE_MAPPING)
@@ -286,3 +290,21 @@ def restore(
     fds = (stdio_fd, *pass_fds)
     _run_criu(criu, "restore", argv, images, workdir, pass_fds=fds)
     return int(pidfile.read_text().strip())
+
+
+def kill_unadopted(workdir: Path) -> None:
+    """Kill the tree a restore in workdir brought back, for when an exception (a Ctrl-C) came
+    after criu finished but before the caller took the tree over: callers wrap restore-and-adopt
+    in a try whose except calls this. Only a pid that is our child (we are its subreaper) is
+    killed; it is pid 1 of the tree's pid namespace, so the kernel kills the rest."""
+    try:
+        pid = int((workdir / RESTORED_PIDFILE).read_text().strip())
+        ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return
+    if ppid != os.getpid():
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)

@@ -1,7 +1,9 @@
-"""Children that a Ctrl-C or a timeout must not orphan (fastboot.proctree, criu._run)."""
+"""Children that a Ctrl-C or a timeout must not orphan (fastboot.proctree, criu._run,
+create.restore_and_adopt)."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -12,6 +14,8 @@ import pytest
 
 from fastboot.proctree import held_signals, kill_tree, tree_pids
 from fastboot.snapshot import criu
+from fastboot.snapshot.create import restore_and_adopt
+from fastboot.supervisor import EngineTree
 
 
 def family(pids: Path) -> list[str]:
@@ -89,3 +93,35 @@ def test_held_signals_deliver_to_the_handler_after_the_block() -> None:
         assert signal.getsignal(signal.SIGTERM) is _raise_stop
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _restored_child(workdir: Path, fd: int) -> int:
+    """Stands in for `criu restore`: a child of ours (as a restored root is, its subreaper) with
+    its output on fd, its pid in the pidfile."""
+    child = subprocess.Popen(["sleep", "300"], stdout=fd)
+    (workdir / criu.RESTORED_PIDFILE).write_text(f"{child.pid}\n")
+    return child.pid
+
+
+def test_a_tree_restored_but_not_yet_adopted_is_killed(tmp_path: Path) -> None:
+    pids: list[int] = []
+
+    def restore_then_ctrl_c(fd: int) -> int:
+        pids.append(_restored_child(tmp_path, fd))
+        raise _Stop("SIGINT")  # after criu finished, before the caller holds the tree
+
+    with pytest.raises(_Stop):
+        restore_and_adopt(tmp_path, restore_then_ctrl_c, "pipe:[0]", io.BytesIO())
+    _assert_gone(pids)
+    assert not [t for t in EngineTree.live if t.root_pid in pids]
+
+
+def test_a_restored_tree_is_adopted(tmp_path: Path) -> None:
+    tree = restore_and_adopt(
+        tmp_path, lambda fd: _restored_child(tmp_path, fd), "pipe:[0]", io.BytesIO()
+    )
+    try:
+        assert tree in EngineTree.live and tree.alive()
+    finally:
+        tree.stop()
+    _assert_gone([tree.root_pid])
