@@ -27,6 +27,15 @@ from types import FrameType
 from typing import Any
 
 
+def stat_fields(pid: int) -> list[str] | None:
+    """/proc/pid/stat's fields after the command name (state first, then ppid, ...; proc(5)
+    numbers them from 3), or None when pid is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def children(pid: int) -> list[int]:
     """pid's children (those its main thread started, which is all of them for our children)."""
     try:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import BinaryIO, ClassVar
 
 from fastboot.errors import DependencyError
-from fastboot.proctree import children, held_signals
+from fastboot.proctree import children, held_signals, stat_fields
 from fastboot.snapshot import iouring, isolation, shm
 
 logger = logging.getLogger(__name__)
@@ -254,10 +254,8 @@ def stop_all() -> list[EngineTree]:
 
 
 def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
+    fields = stat_fields(pid)
+    return fields is None or fields[0] == "Z"
 
 
 def stdout_sink() -> BinaryIO:

@@ -45,7 +45,7 @@ from fastboot import envs
 from fastboot.errors import MountError
 from fastboot.imagefs.mount import MountOptions, mount, probe, umount
 from fastboot.imagefs.store import ImageRef, ImageStore
-from fastboot.proctree import held_signals
+from fastboot.proctree import held_signals, stat_fields
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +58,8 @@ def stable_mountpoint(index: str) -> Path:
 
 
 def _start_time(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+    fields = stat_fields(pid)
+    return fields[19] if fields else None
 
 
 def _user_name(pid: int) -> str:

@@ -36,6 +36,7 @@ import numpy as np
 from fastboot.errors import ImageCorruptError, ImageFSError, ImageNotFoundError, UsageError
 from fastboot.imagefs import buffers
 from fastboot.imagefs.index import CODEC_RAW, ChunkDigest, ChunkRef, ImageIndex
+from fastboot.proctree import stat_fields
 
 logger = logging.getLogger(__name__)
 
@@ -143,11 +144,8 @@ def pid_alive(pid: int, marker: str = "fastboot.imagefs.daemon") -> bool:
         return False
     if marker.encode() not in cmdline:
         return False
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
+    fields = stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 class ImageStore:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from fastboot import envs
 from fastboot.errors import CriuError, CriuMissingError
-from fastboot.proctree import held_signals, kill_tree
+from fastboot.proctree import held_signals, kill_tree, stat_fields
 
 logger = logging.getLogger(__name__)
 
@@ -299,10 +299,10 @@ def kill_unadopted(workdir: Path) -> None:
     killed; it is pid 1 of the tree's pid namespace, so the kernel kills the rest."""
     try:
         pid = int((workdir / RESTORED_PIDFILE).read_text().strip())
-        ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError):
         return
-    if ppid != os.getpid():
+    fields = stat_fields(pid)
+    if fields is None or int(fields[1]) != os.getpid():
         return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fastboot.proctree import held_signals, kill_tree, tree_pids
+from fastboot.proctree import held_signals, kill_tree, stat_fields, tree_pids
 from fastboot.snapshot import criu
 from fastboot.snapshot.create import restore_and_adopt
 from fastboot.supervisor import EngineTree
@@ -43,10 +43,8 @@ def _settled(pids: Path) -> list[int]:
 
 
 def _state(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
+    fields = stat_fields(pid)
+    return fields[0] if fields else None
 
 
 def _assert_gone(pids: list[int]) -> None:
