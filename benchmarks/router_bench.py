@@ -448,7 +448,7 @@ BENCH_KEYS = ("completed", "failed", "duration", "request_throughput", "output_t
 
 def real_agent(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Sections 5 and 6: a real snapshot, agent, replicas and routers; all stopped at the end."""
-    from fastboot import netns
+    from fastboot.host import netns
     from fastboot.serve import free_port
 
     model, snapshots, snapshot_id, create_s = make_snapshot(work)

@@ -29,7 +29,7 @@ from typing import Any
 from fastboot import envs
 from fastboot.errors import FastbootError
 from fastboot.snapshot import criu as criu_mod
-from fastboot.snapshot import iouring
+from fastboot.host import iouring
 
 MODES = ("auto", "cpu", "gpu", "imagefs", "all")
 ENGINES = ("vllm", "sglang")
@@ -123,7 +123,7 @@ def check_io_uring() -> Check:
     named = f"kernel.io_uring_disabled={value} ({setting.get(value or 0, '?')})"
     if value is None:
         named = "kernel.io_uring_disabled absent (io_uring enabled unless the kernel lacks it)"
-    probe = "from fastboot.snapshot.iouring import io_uring_setup_errno as e; print(e())"
+    probe = "from fastboot.host.iouring import io_uring_setup_errno as e; print(e())"
     try:
         result = _run(iouring.wrap([sys.executable, "-c", probe]))
         blocked = result.returncode == 0 and result.stdout.strip() not in ("", "0")

@@ -45,6 +45,11 @@ def home() -> Path:
     return Path(state) / "fastboot"
 
 
+def snapshot_dir() -> Path:
+    """Where snapshots live unless a command says otherwise ($FASTBOOT_HOME/snapshots)."""
+    return home() / "snapshots"
+
+
 def image_store() -> Path:
     """FASTBOOT_IMAGE_STORE: the local image store (default $FASTBOOT_HOME/images)."""
     if value := os.environ.get("FASTBOOT_IMAGE_STORE"):

@@ -32,7 +32,8 @@ from fastboot import __version__, engines, envs
 from fastboot.engines import hooks, vllm
 from fastboot.errors import CriuMissingError, FastbootError, UsageError
 from fastboot.snapshot import criu as criu_mod
-from fastboot.snapshot import fingerprint, shm
+from fastboot.host import shm
+from fastboot.snapshot import fingerprint
 from fastboot.snapshot.create import (
     DIGEST_CACHE,
     Target,
@@ -47,7 +48,7 @@ from fastboot.snapshot.create import (
 )
 from fastboot.snapshot.digests import DigestCache, file_digest
 from fastboot.snapshot.store import Manifest, SnapshotId, Store
-from fastboot.supervisor import EngineTree, become_subreaper, stdout_sink, stop_all
+from fastboot.host.supervisor import EngineTree, become_subreaper, stdout_sink, stop_all
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ class ServeConfig:
 
     @property
     def store(self) -> Store:
-        return Store(self.snapshot_dir or envs.home() / "snapshots")
+        return Store(self.snapshot_dir or envs.snapshot_dir())
 
     @property
     def url(self) -> str:

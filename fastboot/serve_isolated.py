@@ -2,7 +2,7 @@
 --host/--port.
 
 The engine runs the way the agent runs replicas (fastboot.snapshot.isolation): in its own
-network, mount and pid namespaces, listening on 0.0.0.0:8000 inside; a relay (fastboot.relay)
+network, mount and pid namespaces, listening on 0.0.0.0:8000 inside; a relay (fastboot.host.relay)
 publishes it where the user asked. Its snapshot is the same one `fastboot snapshot create`
 makes from the same flags (--host/--port are not part of it), so the snapshot a user warmed with
 `fastboot serve` is the one agents restore as many replicas, on this host or another.
@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fastboot import netns
+from fastboot.host import netns
 from fastboot.engines import hooks, vllm
 from fastboot.errors import FastbootError
-from fastboot.relay import Relay
+from fastboot.host.relay import Relay
 from fastboot.snapshot import fingerprint
 from fastboot.snapshot.create import (
     DIGEST_CACHE,
@@ -37,7 +37,7 @@ from fastboot.snapshot.create import (
     restore_isolated,
 )
 from fastboot.snapshot.digests import DigestCache
-from fastboot.supervisor import EngineTree, become_subreaper, stdout_sink, stop_all
+from fastboot.host.supervisor import EngineTree, become_subreaper, stdout_sink, stop_all
 
 if TYPE_CHECKING:
     from fastboot.serve import ServeConfig

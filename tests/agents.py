@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fastboot.models.tiny import cpu_serve_flags
-from fastboot.proctree import tree_pids
+from fastboot.host.proctree import tree_pids
 from tests.engine_process import log_tail
 
 

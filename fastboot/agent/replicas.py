@@ -26,16 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from fastboot import netns
-from fastboot.agent.cgroups import Limits, ReplicaCgroup, sweep
+from fastboot.host import netns
+from fastboot.host.cgroups import Limits, ReplicaCgroup, sweep
 from fastboot.engines import vllm
 from fastboot.errors import FastbootError
-from fastboot.proctree import tree_pids
+from fastboot.host.proctree import tree_pids
 from fastboot.snapshot import fingerprint
 from fastboot.snapshot.create import DIGEST_CACHE, check_oracle, restore_isolated
 from fastboot.snapshot.digests import DigestCache
 from fastboot.snapshot.store import Manifest, SnapshotInvalid, Store
-from fastboot.supervisor import EngineTree
+from fastboot.host.supervisor import EngineTree
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from fastboot.agent import pull, resources
 from fastboot.agent.replicas import AgentConfig, Conflict, NotFound, ReplicaManager
 from fastboot.errors import FastbootError, UsageError
 from fastboot.snapshot.store import MANIFEST, Manifest, SnapshotInvalid
-from fastboot.supervisor import become_subreaper
+from fastboot.host.supervisor import become_subreaper
 
 logger = logging.getLogger(__name__)
 

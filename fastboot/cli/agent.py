@@ -6,7 +6,8 @@ import argparse
 import re
 from pathlib import Path
 
-from fastboot import envs, netns
+from fastboot import envs
+from fastboot.host import netns
 from fastboot.errors import UsageError
 
 
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     import uvloop
 
     from fastboot.agent import resources
-    from fastboot.agent.cgroups import Limits
+    from fastboot.host.cgroups import Limits
     from fastboot.agent.replicas import AgentConfig
     from fastboot.agent.server import serve
     from fastboot.snapshot.store import Store
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--token-file {args.token_file} is empty")
     config = AgentConfig(
         name=args.name,
-        store=Store(args.snapshot_dir or envs.home() / "snapshots"),
+        store=Store(args.snapshot_dir or envs.snapshot_dir()),
         state_dir=args.state_dir or envs.home() / f"agent-{args.name}",
         slots=args.slots if args.slots is not None else resources.probe().slots,
         subnet=args.subnet,

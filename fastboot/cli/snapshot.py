@@ -78,7 +78,7 @@ def _create(store: Store, argv: list[str]) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    store = Store(args.dir or envs.home() / "snapshots")
+    store = Store(args.dir or envs.snapshot_dir())
     if args.action == "create":
         return _create(store, args.argv)
     if args.action == "ls":

@@ -45,7 +45,7 @@ from fastboot import envs
 from fastboot.errors import MountError
 from fastboot.imagefs.mount import MountOptions, mount, probe, umount
 from fastboot.imagefs.store import ImageRef, ImageStore
-from fastboot.proctree import held_signals, stat_fields
+from fastboot.host.proctree import held_signals, stat_fields
 
 logger = logging.getLogger(__name__)
 

@@ -70,7 +70,7 @@ def unpack_snapshot(
     image is not a snapshot or does not match its manifest, ImageFSError for image problems."""
     started = time.monotonic()
     store = (store or ImageStore(envs.image_store())).ensure()
-    snapshots = Store(snapshot_dir or envs.home() / "snapshots")
+    snapshots = Store(snapshot_dir or envs.snapshot_dir())
     if remote is not None:
         from fastboot.imagefs.sync import pull
 

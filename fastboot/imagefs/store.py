@@ -36,7 +36,7 @@ import numpy as np
 from fastboot.errors import ImageCorruptError, ImageFSError, ImageNotFoundError, UsageError
 from fastboot.imagefs import buffers
 from fastboot.imagefs.index import CODEC_RAW, ChunkDigest, ChunkRef, ImageIndex
-from fastboot.proctree import stat_fields
+from fastboot.host.proctree import stat_fields
 
 logger = logging.getLogger(__name__)
 

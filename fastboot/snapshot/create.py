@@ -19,15 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from fastboot import __version__, engines, envs, netns
+from fastboot import __version__, engines, envs
+from fastboot.host import netns
 from fastboot.engines import hooks, vllm
 from fastboot.errors import FastbootError
-from fastboot.proctree import held_signals, tree_pids
+from fastboot.host.proctree import held_signals, tree_pids
 from fastboot.snapshot import criu as criu_mod
-from fastboot.snapshot import fingerprint, isolation, shm
+from fastboot.host import shm
+from fastboot.snapshot import fingerprint, isolation
 from fastboot.snapshot.digests import DigestCache
 from fastboot.snapshot.store import Manifest, SnapshotId, Store
-from fastboot.supervisor import EngineTree, become_subreaper, stdout_sink, stop_all
+from fastboot.host.supervisor import EngineTree, become_subreaper, stdout_sink, stop_all
 
 logger = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from fastboot import envs
 from fastboot.errors import CriuError, CriuMissingError
-from fastboot.proctree import held_signals, kill_tree, stat_fields
+from fastboot.host.proctree import held_signals, kill_tree, stat_fields
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def _run_criu(
 
 def _run(command: list[str], timeout: float, pass_fds: tuple[int, ...] = ()) -> tuple[int, str]:
     """Run criu to the end; (exit code, stdout + stderr). On a timeout or an exception (a
-    Ctrl-C), criu is killed with everything it started (see fastboot.proctree)."""
+    Ctrl-C), criu is killed with everything it started (see fastboot.host.proctree)."""
     proc: subprocess.Popen[str] | None = None
     try:
         with held_signals():

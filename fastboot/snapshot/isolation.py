@@ -4,11 +4,11 @@ at once on one host (and on others) without the copies sharing anything.
 An isolated cold boot (to take a snapshot from):
 
     fastboot
-      └─ nsenter --net=/run/netns/NETNS           a namespace fastboot made (fastboot.netns)
+      └─ nsenter --net=/run/netns/NETNS           a namespace fastboot made (fastboot.host.netns)
            └─ unshare --mount --propagation private --pid --fork
-                └─ [pid 1] sh (ENGINE_SH): drop host-specific mounts, mount a /proc of this
+                └─ [pid 1] sh (fastboot.host.launch.ENGINE_SH): drop host-specific mounts, mount a /proc of this
                      pid namespace and a private tmpfs on /dev/shm, reopen stdin, then exec
-                     python -m fastboot.snapshot.iouring --setsid -- vllm serve ...
+                     python -m fastboot.host.iouring --setsid -- vllm serve ...
 
 A restore of it, any number of times at once:
 
@@ -29,7 +29,7 @@ What makes this work (measured here with criu 4.2.1, kernel 6.18; docs/replicas.
   /proc names some other process or none ("No such file or directory: '/proc/32/status'").
 - Mounts that only this host has at this moment (other namespaces' /run/netns entries, FUSE test
   mounts, ...) would become external mounts that a restore elsewhere cannot find, and an nsfs
-  mount copied into the namespace keeps that network namespace alive. ENGINE_SH therefore
+  mount copied into the namespace keeps that network namespace alive. launch.ENGINE_SH therefore
   unmounts everything but /, /sys, /dev and /dev/pts before the engine starts; a host that
   restores the snapshot needs those four, which every Linux host has.
 - Every file the engine holds must be opened inside its mount namespace: an fd on a mount of
@@ -45,44 +45,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fastboot.netns import NETNS_DIR
+from fastboot.host.netns import NETNS_DIR
 from fastboot.snapshot import criu as criu_mod
 
 #: The name the network namespace has in CRIU's images, matched up again at restore.
 NET_KEY = "fastboot-net"
-#: Mounts an isolated engine keeps from the host (every host has them; see the module doc).
-KEPT_MOUNTS = ("/", "/sys", "/dev", "/dev/pts")
-#: pid 1 of the new namespaces runs this, then execs its arguments.
-ENGINE_SH = f"""
-for round in 1 2 3; do
-  for m in $(awk '{{print $5}}' /proc/self/mountinfo | sort -r -u); do
-    case "$m" in {"|".join(KEPT_MOUNTS)}) ;; *) umount -l "$m" 2>/dev/null ;; esac
-  done
-done
-mount -t proc proc /proc && mount -t tmpfs -o mode=1777 tmpfs /dev/shm && exec "$@" </dev/null
-"""
-
-
-def engine_wrapper(netns: str) -> list[str]:
-    """The command prefix that starts an engine as pid 1 of new pid and mount namespaces inside
-    the network namespace netns (follow it with the iouring wrapper and the engine's argv)."""
-    return [
-        "nsenter",
-        f"--net={NETNS_DIR / netns}",
-        "unshare",
-        "--mount",
-        "--propagation",
-        "private",
-        "--pid",
-        "--fork",
-        "--",
-        "sh",
-        "-c",
-        ENGINE_SH,
-        "sh",
-    ]
-
-
 def dump(criu: criu_mod.Criu, root_pid: int, images: Path, workdir: Path) -> None:
     """Dump the isolated tree at root_pid (the dump kills it), its mount namespace included."""
     net_inode = os.stat(f"/proc/{root_pid}/ns/net").st_ino

@@ -204,7 +204,7 @@ def main() -> int:
     from fastboot.gpu.checkpoint import CudaCheckpointer, cuda_pids, nvidia_fds
     from fastboot.gpu.info import gpu_fields
     from fastboot.snapshot import criu as criu_mod
-    from fastboot.supervisor import become_subreaper
+    from fastboot.host.supervisor import become_subreaper
 
     result["gpu"] = gpu_fields()
     if os.geteuid() != 0:

@@ -14,8 +14,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from fastboot import netns
-from fastboot.agent.cgroups import ReplicaCgroup
+from fastboot.host import netns
+from fastboot.host.cgroups import ReplicaCgroup
 from fastboot.snapshot import criu as criu_mod
 from fastboot.snapshot.store import Store
 from tests.agents import Agent, agent_process, cpu_seconds, memory_kib, start_agent

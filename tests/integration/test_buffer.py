@@ -30,7 +30,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from fastboot import netns
+from fastboot.host import netns
 from fastboot.agent.replicas import kill_namespace
 from fastboot.buffer import BufferConfig, BufferEvent, BufferManager, HostState, StaticProvider
 from fastboot.buffer.health import deep_check, short_check

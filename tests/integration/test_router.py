@@ -27,7 +27,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fastboot import netns
+from fastboot.host import netns
 from tests.agents import Agent, agent_process
 from tests.engine_process import EngineProcess, engine_process, free_port
 

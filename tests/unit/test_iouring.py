@@ -6,9 +6,9 @@ import errno
 import subprocess
 import sys
 
-from fastboot.snapshot import iouring
+from fastboot.host import iouring
 
-PROBE = "from fastboot.snapshot.iouring import io_uring_setup_errno as e; print(e())"
+PROBE = "from fastboot.host.iouring import io_uring_setup_errno as e; print(e())"
 
 
 def test_filter_program_shape() -> None:
@@ -52,7 +52,7 @@ def test_uvloop_falls_back_to_epoll_under_the_filter() -> None:
 
 def test_usage_without_command() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "fastboot.snapshot.iouring"], capture_output=True, text=True
+        [sys.executable, "-m", "fastboot.host.iouring"], capture_output=True, text=True
     )
     assert out.returncode == 2
     assert "usage" in out.stderr

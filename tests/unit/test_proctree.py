@@ -1,4 +1,4 @@
-"""Children that a Ctrl-C or a timeout must not orphan (fastboot.proctree, criu._run,
+"""Children that a Ctrl-C or a timeout must not orphan (fastboot.host.proctree, criu._run,
 create.restore_and_adopt)."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from fastboot.proctree import held_signals, kill_tree, stat_fields, tree_pids
+from fastboot.host.proctree import held_signals, kill_tree, stat_fields, tree_pids
 from fastboot.snapshot import criu
 from fastboot.snapshot.create import restore_and_adopt
-from fastboot.supervisor import EngineTree
+from fastboot.host.supervisor import EngineTree
 
 
 def family(pids: Path) -> list[str]:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from fastboot.errors import UsageError
-from fastboot.relay import Relay
+from fastboot.host.relay import Relay
 from fastboot.serve import free_port
 
 

@@ -1,4 +1,4 @@
-"""/dev/shm bookkeeping of fastboot.snapshot.shm, on a directory standing in for /dev/shm."""
+"""/dev/shm bookkeeping of fastboot.host.shm, on a directory standing in for /dev/shm."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fastboot.snapshot import shm
+from fastboot.host import shm
 
 
 @pytest.fixture

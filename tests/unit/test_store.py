@@ -140,7 +140,7 @@ def test_fingerprint_compatibility() -> None:
 
 
 def test_copy_sparse_keeps_content_and_makes_holes(tmp_path: Path) -> None:
-    from fastboot.snapshot.shm import copy_sparse
+    from fastboot.host.shm import copy_sparse
 
     src = tmp_path / "psm_queue"
     with src.open("wb") as f:

@@ -3,7 +3,7 @@
 CRIU cannot dump an io_uring instance ("Unknown ... anon_inode:[io_uring]"), and uvloop's libuv
 opens one even with UV_USE_IO_URING=0. The host-wide switch (`sysctl kernel.io_uring_disabled=2`)
 works but changes every process on the machine. Instead, the engine is exec'd through
-`python -m fastboot.snapshot.iouring -- CMD...`, which installs a seccomp filter that makes
+`python -m fastboot.host.iouring -- CMD...`, which installs a seccomp filter that makes
 io_uring_setup(2) fail with ENOSYS, exactly what an older kernel answers; libuv (and anything
 else) then falls back to epoll. The filter is inherited by every descendant and CRIU saves and
 restores it with the process, so restored engines keep it too.
@@ -110,7 +110,7 @@ def wrap(argv: list[str], setsid: bool = False) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "fastboot.snapshot.iouring",
+        "fastboot.host.iouring",
         *(["--setsid"] * setsid),
         "--",
         *argv,
@@ -124,7 +124,7 @@ def main(argv: list[str]) -> int:
         argv = argv[1:]
     if not argv:
         print(
-            "usage: python -m fastboot.snapshot.iouring [--setsid] -- CMD [ARGS...]",
+            "usage: python -m fastboot.host.iouring [--setsid] -- CMD [ARGS...]",
             file=sys.stderr,
         )
         return 2

@@ -4,7 +4,7 @@ Layout of a cold-booted engine:
 
     fastboot (child subreaper)
       └─ unshare --pid --fork                     host side of a new pid namespace
-           └─ [pid 1] python -m fastboot.snapshot.iouring --setsid -- vllm serve ...
+           └─ [pid 1] python -m fastboot.host.iouring --setsid -- vllm serve ...
                 └─ EngineCore ─ Worker ...        (exec'd into vllm: the API server is pid 1)
 
 The engine is pid 1 of its own pid namespace, so CRIU restores it with the same pids however
@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import BinaryIO, ClassVar
 
 from fastboot.errors import DependencyError
-from fastboot.proctree import children, held_signals, stat_fields
-from fastboot.snapshot import iouring, isolation, shm
+from fastboot.host.proctree import children, held_signals, stat_fields
+from fastboot.host import launch, shm
 
 logger = logging.getLogger(__name__)
 
@@ -114,12 +114,9 @@ class EngineTree:
         read_fd, write_fd = os.pipe()
         # Not --kill-child: that sets PR_SET_PDEATHSIG, which CRIU restores, and the restored
         # pid 1 was SIGKILLed the moment criu (its parent during restore) exited.
-        if netns is None:
-            command = ["unshare", "--pid", "--fork", "--", *iouring.wrap(argv, setsid=True)]
-        else:
-            command = [*isolation.engine_wrapper(netns), *iouring.wrap(argv, setsid=True)]
+        command = launch.command(argv, netns)
         # Signals wait until the tree is in EngineTree.live: a Ctrl-C raised inside Popen()
-        # would leave an engine nobody stops (see fastboot.proctree).
+        # would leave an engine nobody stops (see fastboot.host.proctree).
         with held_signals():
             try:
                 popen = subprocess.Popen(
