@@ -28,8 +28,8 @@ from typing import Any
 
 from fastboot import envs
 from fastboot.errors import FastbootError
-from fastboot.snapshot import criu as criu_mod
 from fastboot.host import iouring
+from fastboot.snapshot import criu as criu_mod
 
 MODES = ("auto", "cpu", "gpu", "imagefs", "all")
 ENGINES = ("vllm", "sglang")

@@ -23,8 +23,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from fastboot.models.tiny import cpu_serve_flags
 from fastboot.host.proctree import tree_pids
+from fastboot.models.tiny import cpu_serve_flags
 from tests.engine_process import log_tail
 
 

@@ -26,16 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from fastboot import engines
+from fastboot.boot import sequence
+from fastboot.boot.site import IsolatedSite
+from fastboot.errors import FastbootError
 from fastboot.host import netns
 from fastboot.host.cgroups import Limits, ReplicaCgroup, sweep
-from fastboot.engines import vllm
-from fastboot.errors import FastbootError
 from fastboot.host.proctree import tree_pids
-from fastboot.snapshot import fingerprint
-from fastboot.snapshot.create import DIGEST_CACHE, check_oracle, restore_isolated
-from fastboot.snapshot.digests import DigestCache
-from fastboot.snapshot.store import Manifest, SnapshotInvalid, Store
 from fastboot.host.supervisor import EngineTree
+from fastboot.snapshot.fingerprint import Fingerprint
+from fastboot.snapshot.store import Manifest, SnapshotInvalid, Store
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,8 @@ class AgentConfig:
     slots: int
     subnet: str = netns.DEFAULT_SUBNET
     limits: Limits = field(default_factory=Limits)
-    ready_timeout_s: float = 120.0
+    ready_timeout_s: float = sequence.RESTORE_TIMEOUT_S
+    """How long a restored replica may take to answer."""
 
     @property
     def netns_prefix(self) -> str:
@@ -125,8 +126,8 @@ class ReplicaManager:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.replicas: dict[str, Replica] = {}
-        self.digests = DigestCache(config.store.root / DIGEST_CACHE)
-        self._host = fingerprint.current(f"{vllm.NAME} {vllm.version()}", gpu=True)
+        self.digests = sequence.digest_cache(config.store)
+        self._hosts: dict[str, Fingerprint] = {}
         self._watcher: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count(1)
@@ -215,11 +216,17 @@ class ReplicaManager:
 
     def _verify(self, manifest: Manifest) -> None:
         try:
-            self.config.store.verify(manifest.id, self.digests)
+            sequence.verify(
+                self.config.store, manifest.id, self.digests, self._host(_engine(manifest))
+            )
         finally:
             self.digests.save()
-        if why := fingerprint.incompatibility(manifest.fingerprint, self._host):
-            raise SnapshotInvalid(f"snapshot {manifest.id} does not fit this host: {why}")
+
+    def _host(self, engine: engines.Engine) -> Fingerprint:
+        """This host's fingerprint for snapshots of engine (asked once per engine)."""
+        if engine.NAME not in self._hosts:
+            self._hosts[engine.NAME] = sequence.host_fingerprint(engine, engine.version())
+        return self._hosts[engine.NAME]
 
     async def _restore_task(self, replica: Replica, manifest: Manifest) -> None:
         try:
@@ -232,23 +239,32 @@ class ReplicaManager:
 
     def _restore_blocking(self, replica: Replica, manifest: Manifest) -> None:
         start = time.monotonic()
-        name = self.config.name
         replica.link = netns.create(
             f"{self.config.netns_prefix}{replica.index}",
             f"{self.config.link_prefix}{replica.index}",
             self.config.subnet,
             replica.index,
         )
-        run_dir = self.config.state_dir / "run"
         replica.log = self._log(replica)
-        tree = restore_isolated(self.config.store, manifest, replica.link, run_dir, replica.log)
-        replica.tree, replica.pid = tree, tree.root_pid
-        replica.restore_s = time.monotonic() - start
-        if self.config.limits.any:
-            ReplicaCgroup(name, replica.id).apply(self.config.limits, tree_pids(tree.root_pid))
-        assert replica.address is not None
-        vllm.wait_ready(replica.address, self.config.ready_timeout_s, tree.alive)
-        check_oracle(replica.address, replica.model, manifest)
+
+        def adopted(tree: EngineTree) -> None:
+            replica.tree, replica.pid = tree, tree.root_pid
+            replica.restore_s = time.monotonic() - start
+            if self.config.limits.any:
+                ReplicaCgroup(self.config.name, replica.id).apply(
+                    self.config.limits, tree_pids(tree.root_pid)
+                )
+
+        sequence.restore(
+            _engine(manifest),
+            IsolatedSite(replica.link, replica.port, replica.log),
+            self.config.store,
+            manifest,
+            self.config.state_dir / "run",
+            hooks_module=manifest.hooks,
+            timeout_s=self.config.ready_timeout_s,
+            adopted=adopted,
+        )
         replica.ready_s = time.monotonic() - start
         replica.state = "ready"
         logger.info(
@@ -309,6 +325,11 @@ class ReplicaManager:
         finished = [r for r in self.replicas.values() if r.released]
         for replica in finished[:-KEEP_FINISHED]:
             del self.replicas[replica.id]
+
+
+def _engine(manifest: Manifest) -> engines.Engine:
+    """The adapter of the engine a snapshot was taken of."""
+    return engines.get(str(manifest.key.get("engine", engines.DEFAULT)))
 
 
 def processes_in(netns_path: Path) -> list[int]:

@@ -18,8 +18,8 @@ from fastboot import __version__
 from fastboot.agent import pull, resources
 from fastboot.agent.replicas import AgentConfig, Conflict, NotFound, ReplicaManager
 from fastboot.errors import FastbootError, UsageError
-from fastboot.snapshot.store import MANIFEST, Manifest, SnapshotInvalid
 from fastboot.host.supervisor import become_subreaper
+from fastboot.snapshot.store import MANIFEST, Manifest, SnapshotInvalid
 
 logger = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import re
 from pathlib import Path
 
 from fastboot import envs
-from fastboot.host import netns
 from fastboot.errors import UsageError
+from fastboot.host import netns
 
 
 def _size(text: str) -> int:
@@ -61,9 +61,9 @@ def run(args: argparse.Namespace) -> int:
     import uvloop
 
     from fastboot.agent import resources
-    from fastboot.host.cgroups import Limits
     from fastboot.agent.replicas import AgentConfig
     from fastboot.agent.server import serve
+    from fastboot.host.cgroups import Limits
     from fastboot.snapshot.store import Store
 
     if not re.fullmatch(r"[a-z0-9]{1,6}", args.name):

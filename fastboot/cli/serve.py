@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fastboot import engines
 from fastboot.cli.passthrough import FlagSpec, split_serve_argv
+from fastboot.serve import ServeConfig, serve
 
 FLAGS = [
     FlagSpec(
@@ -68,14 +70,12 @@ def engine_alias(argv: list[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastboot.serve import ServeConfig, serve
-
     split = split_serve_argv(engine_alias(args.argv), FLAGS)
     snapshot_dir = split.fastboot.get("snapshot-dir")
     config = ServeConfig(
         model=split.model,
         engine_argv=split.engine_argv,
-        engine=str(split.fastboot.get("engine", "vllm")),
+        engine=str(split.fastboot.get("engine", engines.DEFAULT)),
         host=split.host,
         port=split.port,
         snapshot_dir=Path(str(snapshot_dir)) if snapshot_dir else None,

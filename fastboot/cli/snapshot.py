@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from fastboot import envs
+from fastboot.boot.create import CreateConfig, create_snapshot
 from fastboot.cli.passthrough import FlagSpec, split_serve_argv
 from fastboot.errors import UsageError
 from fastboot.snapshot.store import Manifest, SnapshotInvalid, Store
@@ -58,8 +59,6 @@ CREATE_FLAGS = [
 
 
 def _create(store: Store, argv: list[str]) -> int:
-    from fastboot.snapshot.create import CreateConfig, create_isolated
-
     split = split_serve_argv(argv, CREATE_FLAGS)
     if split.host not in (None, "0.0.0.0"):
         raise UsageError(
@@ -72,7 +71,7 @@ def _create(store: Store, argv: list[str]) -> int:
         port=split.port or 8000,
         hooks=str(split.fastboot["hooks"]) if "hooks" in split.fastboot else None,
     )
-    manifest = create_isolated(config)
+    manifest = create_snapshot(config)
     print(manifest.id)
     return 0
 

@@ -1,31 +1,32 @@
-"""Engine adapters: how fastboot launches and talks to vLLM and SGLang.
+"""Engine adapters: how fastboot launches and talks to an inference server.
 
-Each adapter module (`fastboot.engines.vllm`, `fastboot.engines.sglang`) has the same functions,
-which is all `fastboot serve` uses of an engine:
+An adapter is one module here that satisfies the `Engine` protocol (fastboot.engines.base):
+flag translation, the environment variables that change the engine (keyed), readiness, warm-up,
+the oracle and its comparison, quiesce/resume, version and install hint. It is all the rest of
+fastboot uses of an engine; nothing outside this package, patches/ and models/ imports one by
+name (import-linter checks it, see pyproject.toml).
 
-    NAME                                    "vllm" / "sglang": the snapshot key's engine
-    ENV_PREFIXES                            environment variables that change the engine (keyed)
-    HAS_PLUGIN                              whether fastboot's engine-side plugin loads in it
-    version(site_packages=None)             the installed engine's version
-    command(model, engine_argv, python)     the engine's argv (python: another environment's)
-    wait_ready(url, deadline_s, alive)      poll until it serves; the served model name
-    warm_up(url, model)                     requests that make it compile what serving needs
-    oracle(url, model)                      a greedy request: {prompt, max_tokens, token_ids, text}
-    generate_ids(url, model, prompt, n)     the greedy token ids for prompt (the oracle check)
+Adding an engine is one adapter file, plus its line in ADAPTERS below (where mypy checks the
+module against the protocol).
 """
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
-
+from fastboot.engines import sglang, vllm
+from fastboot.engines.base import Engine, EngineError, base_url
 from fastboot.errors import UsageError
 
-NAMES = ("vllm", "sglang")
+__all__ = ["ADAPTERS", "DEFAULT", "Engine", "EngineError", "base_url", "get"]
+
+ADAPTERS: dict[str, Engine] = {vllm.NAME: vllm, sglang.NAME: sglang}
+#: The engine `fastboot serve` runs unless told otherwise (it is a drop-in for `vllm serve`).
+DEFAULT = vllm.NAME
+NAMES = tuple(ADAPTERS)
 
 
-def get(name: str) -> ModuleType:
-    """The adapter module for engine `name`; UsageError naming the choices otherwise."""
-    if name not in NAMES:
-        raise UsageError(f"unknown engine {name!r}: choose one of {', '.join(NAMES)}")
-    return importlib.import_module(f"fastboot.engines.{name}")
+def get(name: str) -> Engine:
+    """The adapter for engine `name`; UsageError naming the choices otherwise."""
+    try:
+        return ADAPTERS[name]
+    except KeyError:
+        raise UsageError(f"unknown engine {name!r}: choose one of {', '.join(NAMES)}") from None

@@ -26,15 +26,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastboot.engines import vllm
+from fastboot.engines.base import (
+    ORACLE_MAX_TOKENS,
+    ORACLE_PROMPT,
+    WARMUP_PROMPTS,
+    EngineError,
+    compare_token_ids,
+    request_json,
+    wait_openai_ready,
+)
 from fastboot.errors import DependencyError, UsageError
 
 logger = logging.getLogger(__name__)
 
 NAME = "sglang"
-ENV_PREFIXES = ("SGLANG_",)
+ENV_PREFIXES: tuple[str, ...] = ("SGLANG_",)
 HAS_PLUGIN = False
-EngineError = vllm.EngineError
 INSTALL_HINT = "pip install 'fastboot[sglang]'"
 
 #: vLLM flag -> SGLang flag, for flags that take a value.
@@ -157,7 +164,7 @@ def version(site_packages: list[str] | None = None) -> str:
 def generate(url: str, prompt: str, max_tokens: int) -> dict[str, Any]:
     """SGLang's native greedy `POST /generate`: {"text", "output_ids", "meta_info"}."""
     body = {"text": prompt, "sampling_params": {"max_new_tokens": max_tokens, "temperature": 0}}
-    result: dict[str, Any] = vllm.request_json(url + "/generate", body)
+    result: dict[str, Any] = request_json(url + "/generate", body)
     return result
 
 
@@ -170,22 +177,22 @@ def generate_ids(url: str, model: str, prompt: str, max_tokens: int) -> list[int
 def warm_up(url: str, model: str) -> None:
     """vLLM's warm-up prompts through the OpenAI routes clients use (without vLLM's own
     `return_token_ids`), a chat request, and /generate, which the oracle uses."""
-    for prompt in vllm.WARMUP_PROMPTS:
+    for prompt in WARMUP_PROMPTS:
         body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0}
-        vllm.request_json(url + "/v1/completions", body)
+        request_json(url + "/v1/completions", body)
     chat = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-    vllm.request_json(url + "/v1/chat/completions", chat)
-    generate(url, vllm.WARMUP_PROMPTS[0], 8)
+    request_json(url + "/v1/chat/completions", chat)
+    generate(url, WARMUP_PROMPTS[0], 8)
 
 
 def oracle(url: str, model: str) -> dict[str, Any]:
     """The fixed greedy request through /generate: {prompt, max_tokens, token_ids, text}."""
-    out = generate(url, vllm.ORACLE_PROMPT, vllm.ORACLE_MAX_TOKENS)
+    out = generate(url, ORACLE_PROMPT, ORACLE_MAX_TOKENS)
     if not out.get("output_ids"):
         raise EngineError("SGLang's /generate returned no output_ids for the oracle request")
     return {
-        "prompt": vllm.ORACLE_PROMPT,
-        "max_tokens": vllm.ORACLE_MAX_TOKENS,
+        "prompt": ORACLE_PROMPT,
+        "max_tokens": ORACLE_MAX_TOKENS,
         "token_ids": list(out["output_ids"]),
         "text": out.get("text", ""),
     }
@@ -193,7 +200,29 @@ def oracle(url: str, model: str) -> dict[str, Any]:
 
 def wait_ready(url: str, deadline_s: float, alive: Callable[[], bool]) -> str:
     """Poll /health then /v1/models (SGLang serves both, as vLLM does); the served model name."""
-    return vllm.wait_ready(url, deadline_s, alive)
+    return wait_openai_ready(url, deadline_s, alive)
 
 
-base_url = vllm.base_url
+def check_oracle(url: str, model: str, recorded: dict[str, Any]) -> None:
+    """/generate's greedy token ids for the recorded prompt are the recorded ones."""
+    compare_token_ids(
+        recorded, generate_ids(url, model, recorded["prompt"], recorded["max_tokens"])
+    )
+
+
+def socket_env(directory: Path) -> dict[str, str]:
+    """Nothing: fastboot knows no SGLang setting for where its local sockets go (unverified
+    against a real SGLang; see the module doc)."""
+    del directory
+    return {}
+
+
+def quiesce(url: str) -> None:
+    """Nothing by default: the memory saver is opt-in
+    (`--fastboot-hooks fastboot.engines.sglang_memory_saver`, with --enable-sleep-mode)."""
+    del url
+
+
+def resume(url: str) -> None:
+    """Nothing by default (see quiesce)."""
+    del url

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import urllib.error
 
-from fastboot.engines.vllm import EngineError, request_json
+from fastboot.engines.base import EngineError, request_json
 
 logger = logging.getLogger(__name__)
 

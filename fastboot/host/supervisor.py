@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import BinaryIO, ClassVar
 
 from fastboot.errors import DependencyError
-from fastboot.host.proctree import children, held_signals, stat_fields
 from fastboot.host import launch, shm
+from fastboot.host.proctree import children, held_signals, stat_fields
 
 logger = logging.getLogger(__name__)
 

@@ -43,9 +43,9 @@ from typing import Any
 
 from fastboot import envs
 from fastboot.errors import MountError
+from fastboot.host.proctree import held_signals, stat_fields
 from fastboot.imagefs.mount import MountOptions, mount, probe, umount
 from fastboot.imagefs.store import ImageRef, ImageStore
-from fastboot.host.proctree import held_signals, stat_fields
 
 logger = logging.getLogger(__name__)
 

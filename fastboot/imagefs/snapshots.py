@@ -36,14 +36,12 @@ from fastboot import envs
 from fastboot.errors import ImageFSError
 from fastboot.imagefs.mount import MountOptions, mounted
 from fastboot.imagefs.store import ImageStore
-from fastboot.snapshot.digests import DigestCache
+from fastboot.snapshot.digests import DIGEST_CACHE, DigestCache
 from fastboot.snapshot.store import MANIFEST, Manifest, SnapshotInvalid, Store
 
 logger = logging.getLogger(__name__)
 
 _ID = re.compile(r"^[0-9a-f]{8,64}$")
-#: Beside the snapshots, as `fastboot serve` keeps it (fastboot.snapshot.create.DIGEST_CACHE).
-DIGEST_CACHE = ".digests.json"
 
 
 @dataclass(frozen=True)

@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 
 from fastboot.errors import ImageCorruptError, ImageFSError, ImageNotFoundError, UsageError
+from fastboot.host.proctree import stat_fields
 from fastboot.imagefs import buffers
 from fastboot.imagefs.index import CODEC_RAW, ChunkDigest, ChunkRef, ImageIndex
-from fastboot.host.proctree import stat_fields
 
 logger = logging.getLogger(__name__)
 

@@ -21,6 +21,9 @@ import logging
 import os
 from pathlib import Path
 
+#: The digest cache of a snapshot store, beside its snapshots.
+DIGEST_CACHE = ".digests.json"
+
 logger = logging.getLogger(__name__)
 
 #: Entries kept (oldest dropped first): one per snapshot or model file in use.

@@ -17,6 +17,8 @@ import platform
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from fastboot.gpu.info import gpu_fields
+
 
 @dataclass(frozen=True)
 class Fingerprint:
@@ -99,8 +101,6 @@ def current(engine: str, gpu: bool = False) -> Fingerprint:
 def _gpu_fields(wanted: bool) -> dict[str, Any]:
     if not wanted:
         return {}
-    from fastboot.gpu.info import gpu_fields
-
     fields = gpu_fields()
     fields["gpu_uuids"] = tuple(fields.get("gpu_uuids", ()))
     return fields

@@ -6,8 +6,9 @@ An isolated cold boot (to take a snapshot from):
     fastboot
       └─ nsenter --net=/run/netns/NETNS           a namespace fastboot made (fastboot.host.netns)
            └─ unshare --mount --propagation private --pid --fork
-                └─ [pid 1] sh (fastboot.host.launch.ENGINE_SH): drop host-specific mounts, mount a /proc of this
-                     pid namespace and a private tmpfs on /dev/shm, reopen stdin, then exec
+                └─ [pid 1] sh (fastboot.host.launch.ENGINE_SH): drop host-specific mounts,
+                     mount a /proc of this pid namespace and a private tmpfs on /dev/shm,
+                     reopen stdin, then exec
                      python -m fastboot.host.iouring --setsid -- vllm serve ...
 
 A restore of it, any number of times at once:
@@ -50,6 +51,8 @@ from fastboot.snapshot import criu as criu_mod
 
 #: The name the network namespace has in CRIU's images, matched up again at restore.
 NET_KEY = "fastboot-net"
+
+
 def dump(criu: criu_mod.Criu, root_pid: int, images: Path, workdir: Path) -> None:
     """Dump the isolated tree at root_pid (the dump kills it), its mount namespace included."""
     net_inode = os.stat(f"/proc/{root_pid}/ns/net").st_ino

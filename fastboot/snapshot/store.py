@@ -67,6 +67,8 @@ class Manifest:
     """None: taken on the host's network (`fastboot serve`). Else an isolated engine (own
     network and mount namespaces; see fastboot.snapshot.isolation): {"port": port it listens
     on inside its namespace}."""
+    hooks: str | None = None
+    """The --fastboot-hooks module it was taken with: every restore resumes with it."""
 
     @property
     def total_bytes(self) -> int:
@@ -87,6 +89,7 @@ class Manifest:
             "files": self.files,
             "model_name": self.model_name,
             "isolation": self.isolation,
+            "hooks": self.hooks,
         }
 
     @classmethod

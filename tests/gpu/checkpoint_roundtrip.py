@@ -203,8 +203,8 @@ def main() -> int:
     from fastboot.gpu import cycle
     from fastboot.gpu.checkpoint import CudaCheckpointer, cuda_pids, nvidia_fds
     from fastboot.gpu.info import gpu_fields
-    from fastboot.snapshot import criu as criu_mod
     from fastboot.host.supervisor import become_subreaper
+    from fastboot.snapshot import criu as criu_mod
 
     result["gpu"] = gpu_fields()
     if os.geteuid() != 0:

@@ -7,8 +7,7 @@ from http.server import ThreadingHTTPServer
 
 import pytest
 
-from fastboot.engines import hooks, vllm_sleep
-from fastboot.engines.vllm import EngineError
+from fastboot.engines import EngineError, hooks, vllm_sleep
 from tests.unit.http_fakes import JsonHandler, running
 
 

@@ -1,5 +1,5 @@
 """Children that a Ctrl-C or a timeout must not orphan (fastboot.host.proctree, criu._run,
-create.restore_and_adopt)."""
+fastboot.snapshot.restore.restore_and_adopt)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from fastboot.host.proctree import held_signals, kill_tree, stat_fields, tree_pids
-from fastboot.snapshot import criu
-from fastboot.snapshot.create import restore_and_adopt
 from fastboot.host.supervisor import EngineTree
+from fastboot.snapshot import criu
+from fastboot.snapshot.restore import restore_and_adopt
 
 
 def family(pids: Path) -> list[str]:

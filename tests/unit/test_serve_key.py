@@ -64,7 +64,7 @@ def test_weights_image_gives_the_engine_the_mountpoint_and_keeps_the_served_name
 
 
 def test_isolated_serve_strips_only_the_listen_flags() -> None:
-    from fastboot.serve_isolated import strip_listen_flags
+    from fastboot.serve.isolated import strip_listen_flags
 
     argv = ["--host", "127.0.0.1", "--port=9000", "--max-model-len", "512", "--port", "1"]
     assert strip_listen_flags(argv) == ["--max-model-len", "512"]

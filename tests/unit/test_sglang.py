@@ -122,7 +122,7 @@ def test_version_without_sglang_gives_install_hint() -> None:
 
 
 def test_wait_ready_fails_fast_when_the_engine_exited() -> None:
-    from fastboot.engines.vllm import EngineError
+    from fastboot.engines import EngineError
 
     with pytest.raises(EngineError, match="exited before it was ready"):
         sglang.wait_ready("http://127.0.0.1:9", 5, lambda: False)

@@ -13,12 +13,11 @@ from typing import Any, cast
 import pytest
 
 from fastboot import engines
+from fastboot.boot.environment import tensor_parallel_env
 from fastboot.cli.serve import engine_alias
-from fastboot.engines import hooks, sglang
-from fastboot.engines.vllm import EngineError
+from fastboot.engines import EngineError, hooks, sglang
 from fastboot.errors import UsageError
-from fastboot.serve import ServeConfig, serve, snapshot_key, tensor_parallel_env
-from fastboot.snapshot.create import check_oracle
+from fastboot.serve import ServeConfig, serve, snapshot_key
 from fastboot.snapshot.store import Manifest
 from tests.unit.http_fakes import JsonHandler, running
 
@@ -86,11 +85,12 @@ def test_the_oracle_check_uses_the_engine_the_snapshot_names(
     server, url = fake
     oracle = {"prompt": "p", "max_tokens": 3, "token_ids": [5, 6, 7]}
     manifest = cast(Manifest, SimpleNamespace(key={"engine": "sglang"}, oracle=oracle))
-    check_oracle(url, "served", manifest)
+    engine = engines.get(manifest.key["engine"])
+    engine.check_oracle(url, "served", manifest.oracle)
     assert server.requests[-1][0] == "/generate"
     server.output_ids = [5, 6, 8]
     with pytest.raises(EngineError, match=r"expected token ids \[5, 6, 7\], got \[5, 6, 8\]"):
-        check_oracle(url, "served", manifest)
+        engine.check_oracle(url, "served", manifest.oracle)
 
 
 def test_memory_saver_hooks_release_then_resume(fake: tuple[FakeSglang, str]) -> None:
