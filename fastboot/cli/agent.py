@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
     import uvloop
 
+    # aiohttp and the agent load for `fastboot agent` itself, not for its --help.
     from fastboot.agent import resources
     from fastboot.agent.replicas import AgentConfig
     from fastboot.agent.server import serve

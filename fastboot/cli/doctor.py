@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from fastboot import doctor
+from fastboot import doctor, engines
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="what you will run; exit non-zero if it cannot (auto: gpu if one answers, else cpu)",
     )
     parser.add_argument(
-        "--engine", choices=doctor.ENGINES, default="vllm", help="engine to require"
+        "--engine", choices=engines.NAMES, default=engines.DEFAULT, help="engine to require"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON document instead")
 

@@ -75,6 +75,10 @@ class Engine(Protocol):
         """The engine at url reproduces the recorded oracle; EngineError otherwise."""
         ...
 
+    def doctor(self) -> tuple[bool, str, str]:
+        """For `fastboot doctor`: (usable, what is installed, the command that fixes it)."""
+        ...
+
     def quiesce(self, url: str) -> None:
         """What the engine itself must release before a dump (after warm-up and the oracle)."""
         ...

@@ -217,6 +217,13 @@ def socket_env(directory: Path) -> dict[str, str]:
     return {}
 
 
+def doctor() -> tuple[bool, str, str]:
+    try:
+        return True, f"sglang {version()}", ""
+    except DependencyError:
+        return False, "not installed", INSTALL_HINT
+
+
 def quiesce(url: str) -> None:
     """Nothing by default: the memory saver is opt-in
     (`--fastboot-hooks fastboot.engines.sglang_memory_saver`, with --enable-sleep-mode)."""

