@@ -1,9 +1,10 @@
 """`fastboot serve`: a drop-in for `vllm serve` that restores a warmed engine from a snapshot.
 
-This module turns a ServeConfig into one run of the boot sequence (fastboot.boot.sequence) at a
-HostSite, or an IsolatedSite for `--fastboot-isolated` (fastboot.serve.isolated), and owns what
-the run holds around it: signals, the image mounts the engine runs from, the engine's socket
-directory, and stopping every engine tree on the way out.
+This module turns a ServeConfig (fastboot.serve.config) into one run of the boot sequence
+(fastboot.boot.sequence) at a HostSite, or an IsolatedSite for `--fastboot-isolated`
+(fastboot.serve.isolated), and owns what the run holds around it: the image mounts the engine
+runs from and the engine's socket directory (signals and stopping every engine tree on the way
+out: fastboot.serve.config.run_until_stopped).
 """
 
 from __future__ import annotations
@@ -12,81 +13,27 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from fastboot import engines, envs
+from fastboot import engines
 from fastboot.boot import sequence
 from fastboot.boot.site import HostSite
 from fastboot.engines import hooks
 from fastboot.errors import UsageError
-from fastboot.host.signals import Stop, already_stopping, captured_signals
-from fastboot.host.supervisor import EngineTree, become_subreaper, stop_all
+from fastboot.host.supervisor import EngineTree, become_subreaper
+from fastboot.serve.config import ServeConfig, run_until_stopped
+from fastboot.serve.isolated import serve_isolated
 from fastboot.snapshot.digests import DigestCache
 from fastboot.snapshot.key import model_identity
 from fastboot.snapshot.key import snapshot_key as make_key
-from fastboot.snapshot.store import SnapshotId, Store
+from fastboot.snapshot.store import SnapshotId
+
+__all__ = ["ServeConfig", "check_port_free", "free_port", "rpc_dir", "serve", "snapshot_key"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """What `fastboot serve` was asked to do."""
-
-    model: str
-    """MODEL as given (a local directory or a hub name)."""
-    engine_argv: list[str]
-    """Flags for the engine, verbatim (vLLM's; translated for SGLang)."""
-    engine: str = engines.DEFAULT
-    """Which engine runs: "vllm" or "sglang" (fastboot.engines)."""
-    host: str | None = None
-    """--host as given to the engine (read only)."""
-    port: int | None = None
-    """--port as given to the engine (read only)."""
-    snapshot_dir: Path | None = None
-    """Where snapshots live (default $FASTBOOT_HOME/snapshots)."""
-    snapshot: bool = True
-    """False: plain cold boot, no snapshot read or written."""
-    refresh: bool = False
-    """True: ignore an existing snapshot and make a new one."""
-    hooks: str | None = None
-    """Module with quiesce/resume hooks (see fastboot.engines.hooks)."""
-    ready_timeout_s: float = 900.0
-    """How long a cold boot may take to answer."""
-    restore_timeout_s: float = sequence.RESTORE_TIMEOUT_S
-    """How long a restored engine may take to answer."""
-    weights_image: str | None = None
-    """Image to take the model from: mounted read-only at a stable path that vLLM gets as its
-    MODEL; MODEL stays the name clients use (see fastboot.imagefs.shared)."""
-    isolated: bool = False
-    """Serve as one replica: the engine in its own network, mount and pid namespaces with the
-    snapshot agents restore, published on host/port by a relay (fastboot.serve.isolated)."""
-    rpc_dir: Path | None = None
-    """Where the engine binds its local sockets (Engine.socket_env; vLLM's default is /tmp,
-    where every run left files behind). Set by serve(); see rpc_dir()."""
-    model_identity: dict[str, Any] | None = None
-    """How the snapshot key names the model when it is not hashed from its files (an image:
-    its index digest and mountpoint). Set by serve() for weights_image."""
-    env_image: str | None = None
-    """Image of a Python virtual environment with the engine to run it from: mounted
-    read-only at a stable path, the engine run by its interpreter (see _env_from_image)."""
-    engine_python: Path | None = None
-    """The interpreter that runs the engine (None: the engine beside fastboot). Set by serve()
-    for env_image."""
-    environment: dict[str, Any] | None = None
-    """The env image in the snapshot key (index digest and mountpoint). Set by serve()."""
-
-    @property
-    def store(self) -> Store:
-        return Store(self.snapshot_dir or envs.snapshot_dir())
-
-    @property
-    def url(self) -> str:
-        return engines.base_url(self.host, self.port)
 
 
 def snapshot_key(
@@ -132,43 +79,34 @@ def serve(config: ServeConfig) -> int:
         for flag, value in (("weights", config.weights_image), ("env", config.env_image)):
             if value:
                 raise UsageError(f"--fastboot-isolated does not take --fastboot-{flag}-image yet")
-        from fastboot.serve.isolated import serve_isolated  # it imports this module
-
         return serve_isolated(config)
     check_port_free(config.host, config.port)
     config = replace(config, rpc_dir=rpc_dir(config))
     hooks.load(config.hooks)  # a bad --fastboot-hooks fails now, not after a cold boot
     become_subreaper()
     mounts: list[Any] = []  # SharedMounts acquired, released after the engines stopped
-    with captured_signals(), tempfile.TemporaryDirectory(prefix="fastboot-run-") as run_dir:
-        try:
-            if config.env_image or config.weights_image:
-                # The image store may pull in pyfuse3 and trio (the [imagefs] extra): only a
-                # run from an image pays for them.
-                from fastboot.imagefs.shared import SharedMount
-            if config.env_image:
-                mounts.append(env := SharedMount(config.env_image))
-                config = _env_from_image(config, env.acquire(), env.identity)
-            if config.weights_image:
-                mounts.append(weights := SharedMount(config.weights_image))
-                config = _from_image(config, weights.acquire(), weights.identity)
-            engine_version = engine.version(_site_packages(config.engine_python))
-            tree = _boot(config, engine_version, Path(run_dir))
-            code = tree.wait()
-            logger.info("engine exited with %s", code)
-            return 0 if code in (0, None) else 1
-        except Stop as stop:
-            logger.info("%s: stopping the engine", stop)
-            return 0
-        finally:
-            # Whatever phase was interrupted (cold boot, warm-up, dump, restore, serving), stop
-            # every tree this run started; a second Ctrl-C must not cut that short.
-            with captured_signals(already_stopping):
-                stop_all()
-                if config.rpc_dir is not None:
-                    shutil.rmtree(config.rpc_dir, ignore_errors=True)
-                for mount in reversed(mounts):
-                    mount.release()  # after the engines: they have files open there
+
+    def boot(run_dir: Path) -> EngineTree:
+        nonlocal config
+        if config.env_image or config.weights_image:
+            # The image store may pull in pyfuse3 and trio (the [imagefs] extra): only a run
+            # from an image pays for them.
+            from fastboot.imagefs.shared import SharedMount
+        if config.env_image:
+            mounts.append(env := SharedMount(config.env_image))
+            config = _env_from_image(config, env.acquire(), env.identity)
+        if config.weights_image:
+            mounts.append(weights := SharedMount(config.weights_image))
+            config = _from_image(config, weights.acquire(), weights.identity)
+        return _boot(config, engine.version(_site_packages(config.engine_python)), run_dir)
+
+    def clean_up() -> None:
+        if config.rpc_dir is not None:
+            shutil.rmtree(config.rpc_dir, ignore_errors=True)
+        for mount in reversed(mounts):
+            mount.release()  # after the engines: they have files open there
+
+    return run_until_stopped(boot, clean_up)
 
 
 def rpc_dir(config: ServeConfig) -> Path:
@@ -218,16 +156,7 @@ def _site_packages(python: Path | None) -> list[str] | None:
 
 
 def _boot(config: ServeConfig, engine_version: str, run_dir: Path) -> EngineTree:
-    engine = engines.get(config.engine)
-    spec = sequence.BootSpec(
-        engine=engine,
-        model=config.model,
-        engine_argv=config.engine_argv,
-        python=config.engine_python,
-        hooks=config.hooks,
-        ready_timeout_s=config.ready_timeout_s,
-        restore_timeout_s=config.restore_timeout_s,
-    )
+    spec = config.boot_spec(config.engine_argv)
     site = HostSite(config.url, config.rpc_dir)
     if not config.snapshot:
         return sequence.boot(spec, site, None, run_dir)
@@ -239,7 +168,7 @@ def _boot(config: ServeConfig, engine_version: str, run_dir: Path) -> EngineTree
             site,
             store,
             snapshot_key(config, engine_version, digests),
-            sequence.host_fingerprint(engine, engine_version),
+            sequence.host_fingerprint(spec.engine, engine_version),
             digests,
         )
         return sequence.boot(spec, site, target, run_dir, refresh=config.refresh)

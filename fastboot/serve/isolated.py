@@ -18,22 +18,16 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from fastboot import engines
 from fastboot.boot import sequence
 from fastboot.boot.create import isolated_target
 from fastboot.boot.site import INNER_PORT, IsolatedSite
 from fastboot.engines import hooks
 from fastboot.host import netns
 from fastboot.host.relay import Relay
-from fastboot.host.signals import Stop, already_stopping, captured_signals
-from fastboot.host.supervisor import EngineTree, become_subreaper, stop_all
-
-if TYPE_CHECKING:
-    from fastboot.serve import ServeConfig
+from fastboot.host.supervisor import EngineTree, become_subreaper
+from fastboot.serve.config import ServeConfig, run_until_stopped
 
 logger = logging.getLogger(__name__)
 
@@ -62,47 +56,30 @@ def serve_isolated(config: ServeConfig) -> int:
     pid = os.getpid()
     link = netns.create(f"fb-serve-{pid}", f"fbv{pid % 100000}", SERVE_SUBNET, pid % 16384)
     relay = Relay(config.host or "0.0.0.0", config.port or 8000, link.ip, INNER_PORT)
-    with captured_signals(), tempfile.TemporaryDirectory(prefix="fastboot-run-") as run_dir:
-        try:
-            relay.bind()  # a busy port fails before any boot
-            tree = _boot(config, IsolatedSite(link), Path(run_dir))
-            relay.start()  # only a checked engine (oracle matched) gets traffic
-            logger.info(
-                "serving on %s:%d (engine at %s:%d)",
-                relay.host,
-                relay.port,
-                link.ip,
-                INNER_PORT,
-            )
-            code = tree.wait()
-            logger.info("engine exited with %s", code)
-            return 0 if code in (0, None) else 1
-        except Stop as stop:
-            logger.info("%s: stopping the engine", stop)
-            return 0
-        finally:
-            with captured_signals(already_stopping):
-                relay.stop()
-                stop_all()
-                netns.delete(link)
+
+    def boot(run_dir: Path) -> EngineTree:
+        relay.bind()  # a busy port fails before any boot
+        tree = _boot(config, IsolatedSite(link), run_dir)
+        relay.start()  # only a checked engine (oracle matched) gets traffic
+        logger.info(
+            "serving on %s:%d (engine at %s:%d)", relay.host, relay.port, link.ip, INNER_PORT
+        )
+        return tree
+
+    def clean_up() -> None:
+        relay.stop()
+        netns.delete(link)
+
+    return run_until_stopped(boot, clean_up)
 
 
 def _boot(config: ServeConfig, site: IsolatedSite, run_dir: Path) -> EngineTree:
-    engine = engines.get(config.engine)
-    spec = sequence.BootSpec(
-        engine=engine,
-        model=config.model,
-        engine_argv=site.engine_argv(strip_listen_flags(config.engine_argv)),
-        hooks=config.hooks,
-        ready_timeout_s=config.ready_timeout_s,
-        restore_timeout_s=config.restore_timeout_s,
-    )
+    spec = config.boot_spec(site.engine_argv(strip_listen_flags(config.engine_argv)))
     if not config.snapshot:
         return sequence.boot(spec, site, None, run_dir)
-    store = config.store
-    digests = sequence.digest_cache(store)
+    digests = sequence.digest_cache(config.store)
     try:
-        target = isolated_target(spec, site, store, digests)
+        target = isolated_target(spec, site, config.store, digests)
         return sequence.boot(spec, site, target, run_dir, refresh=config.refresh)
     finally:
         digests.save()
