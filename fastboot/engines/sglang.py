@@ -26,15 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastboot.engines.base import (
-    ORACLE_MAX_TOKENS,
-    ORACLE_PROMPT,
-    WARMUP_PROMPTS,
-    EngineError,
-    compare_token_ids,
-    request_json,
-    wait_openai_ready,
-)
+from fastboot.engines import base
+from fastboot.engines.base import EngineError, request_json
 from fastboot.errors import DependencyError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -177,22 +170,22 @@ def generate_ids(url: str, model: str, prompt: str, max_tokens: int) -> list[int
 def warm_up(url: str, model: str) -> None:
     """vLLM's warm-up prompts through the OpenAI routes clients use (without vLLM's own
     `return_token_ids`), a chat request, and /generate, which the oracle uses."""
-    for prompt in WARMUP_PROMPTS:
+    for prompt in base.WARMUP_PROMPTS:
         body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0}
         request_json(url + "/v1/completions", body)
     chat = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     request_json(url + "/v1/chat/completions", chat)
-    generate(url, WARMUP_PROMPTS[0], 8)
+    generate(url, base.WARMUP_PROMPTS[0], 8)
 
 
 def oracle(url: str, model: str) -> dict[str, Any]:
     """The fixed greedy request through /generate: {prompt, max_tokens, token_ids, text}."""
-    out = generate(url, ORACLE_PROMPT, ORACLE_MAX_TOKENS)
+    out = generate(url, base.ORACLE_PROMPT, base.ORACLE_MAX_TOKENS)
     if not out.get("output_ids"):
         raise EngineError("SGLang's /generate returned no output_ids for the oracle request")
     return {
-        "prompt": ORACLE_PROMPT,
-        "max_tokens": ORACLE_MAX_TOKENS,
+        "prompt": base.ORACLE_PROMPT,
+        "max_tokens": base.ORACLE_MAX_TOKENS,
         "token_ids": list(out["output_ids"]),
         "text": out.get("text", ""),
     }
@@ -200,12 +193,12 @@ def oracle(url: str, model: str) -> dict[str, Any]:
 
 def wait_ready(url: str, deadline_s: float, alive: Callable[[], bool]) -> str:
     """Poll /health then /v1/models (SGLang serves both, as vLLM does); the served model name."""
-    return wait_openai_ready(url, deadline_s, alive)
+    return base.wait_openai_ready(url, deadline_s, alive)
 
 
 def check_oracle(url: str, model: str, recorded: dict[str, Any]) -> None:
     """/generate's greedy token ids for the recorded prompt are the recorded ones."""
-    compare_token_ids(
+    base.compare_token_ids(
         recorded, generate_ids(url, model, recorded["prompt"], recorded["max_tokens"])
     )
 
