@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from fastboot import engines
-from fastboot.cli.passthrough import FlagSpec, split_serve_argv
+from fastboot.cli.engine_argv import FlagSpec, split_serve_argv
 from fastboot.serve import ServeConfig, serve
 
 FLAGS = [

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fastboot import envs
 from fastboot.boot.create import CreateConfig, create_snapshot
-from fastboot.cli.passthrough import FlagSpec, split_serve_argv
+from fastboot.cli.engine_argv import FlagSpec, split_serve_argv
 from fastboot.errors import UsageError
 from fastboot.snapshot.store import Manifest, SnapshotInvalid, Store
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fastboot.cli.passthrough import FlagSpec, split_serve_argv
+from fastboot.cli.engine_argv import FlagSpec, split_serve_argv
 from fastboot.errors import UsageError
 
 SPECS = [
