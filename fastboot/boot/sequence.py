@@ -86,6 +86,14 @@ def verify(
 ) -> Manifest:
     """The manifest of a snapshot whose files match it and that fits this host; SnapshotInvalid
     (saying which) otherwise."""
+    manifest = verified(store, snapshot_id, digests)
+    if why := fingerprint.incompatibility(manifest.fingerprint, host):
+        raise SnapshotInvalid(f"snapshot {manifest.id} does not fit this host: {why}")
+    return manifest
+
+
+def verified(store: Store, snapshot_id: str, digests: DigestCache) -> Manifest:
+    """The manifest, after checking every file against it (store.verify), timed at DEBUG."""
     start = time.monotonic()
     manifest = store.verify(snapshot_id, digests)
     logger.debug(
@@ -95,8 +103,6 @@ def verify(
         digests.misses,
         digests.hits,
     )
-    if why := fingerprint.incompatibility(manifest.fingerprint, host):
-        raise SnapshotInvalid(f"snapshot {manifest.id} does not fit this host: {why}")
     return manifest
 
 
@@ -215,7 +221,7 @@ def try_restore(spec: BootSpec, site: Site, target: Target, run_dir: Path) -> En
         return None
     start = time.monotonic()
     try:
-        manifest = store.verify(snapshot_id, target.digests)
+        manifest = verified(store, snapshot_id, target.digests)
         if why := fingerprint.incompatibility(manifest.fingerprint, target.host):
             logger.warning(
                 "snapshot %s does not fit this host (%s): cold boot", snapshot_id[:12], why
