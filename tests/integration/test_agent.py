@@ -315,3 +315,37 @@ def test_serve_isolated_restores_the_agents_snapshot_on_the_users_port(
         assert run.interrupt(signal.SIGINT) == 0
     assert not [n for n in netns.ours("fb-serve-")]
     assert not processes_mentioning(str(tiny_model) + " --max-model-len")
+
+
+def test_serve_isolated_first_run_makes_the_snapshot_snapshot_create_makes(
+    isolated_snapshot: tuple[Path, str], tiny_model: Path, tmp_path: Path
+) -> None:
+    """With no snapshot yet, `fastboot serve --fastboot-isolated` runs the one boot sequence in
+    its namespace (cold boot, dump, the proving restore, which serves): its snapshot has the id
+    `fastboot snapshot create` gave the same flags (one key function for every layout), and
+    what it leaves is only that snapshot."""
+    from fastboot.serve import free_port
+    from tests.agents import isolated_flags
+    from tests.engine_process import FastbootRun
+
+    _, snapshot_id = isolated_snapshot
+    snapshots, port = tmp_path / "snapshots", free_port()
+    argv = [str(tiny_model), "--host", "127.0.0.1", "--port", str(port), *isolated_flags()]
+    argv += ["--fastboot-isolated", "--fastboot-snapshot-dir", str(snapshots)]
+    run = FastbootRun(argv, tmp_path / "serve.log")
+    try:
+        run.wait_for(f"serving on 127.0.0.1:{port}", 900)
+        assert run.wait_for(r"no snapshot (\w+) yet: cold boot", 1)[1] == snapshot_id[:12]
+        assert run.wait_for(r"restored snapshot (\w+)", 1)[1] == snapshot_id[:12]
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        reply = client.completions.create(
+            model=str(tiny_model), prompt="hello", max_tokens=4, temperature=0
+        )
+        assert reply.choices[0].text
+    finally:
+        assert run.interrupt(signal.SIGINT) == 0
+    (manifest,) = Store(snapshots).list()
+    assert not isinstance(manifest, Exception) and manifest.id == snapshot_id
+    assert manifest.isolation == {"port": 8000}
+    assert not netns.ours("fb-serve-")
+    assert not processes_mentioning(str(tiny_model) + " --max-model-len")
