@@ -1,4 +1,7 @@
-"""Every error fastboot raises on purpose.
+"""Every error fastboot raises on purpose: one tree, rooted at FastbootError.
+
+The classes here are the ones callers across packages handle; a package may define its own
+(in the module named on the right), always below one of these.
 
     FastbootError                 base: the message says what happened and what to do next
     ├── UsageError                a command line or argument that cannot work
@@ -14,13 +17,29 @@
     │   ├── ImageNotFoundError    no image of that name in the store (or on the remote)
     │   ├── ImageCorruptError     a malformed or truncated index, or bytes that fail their digest
     │   ├── MountError            a mountpoint that is busy or missing, a daemon that did not start
-    │   └── RemoteError           the remote store did not answer, or answered wrongly
-    └── GpuError                  a CUDA checkpoint step failed (pid, step, the driver's code)
-        ├── SnapshotAbandonedError  lock/checkpoint failed before the dump; the engine runs on
-        └── GpuRestoreError       a restored process did not get its GPU state back: cold boot
+    │   ├── RemoteError           the remote store did not answer, or answered wrongly
+    │   └── ChunkUnavailable      no tier could supply a chunk            fastboot.imagefs.tiers
+    ├── GpuError                  a CUDA checkpoint step failed (pid, step, the driver's code)
+    │   ├── SnapshotAbandonedError  lock/checkpoint failed before the dump; the engine runs on
+    │   ├── GpuRestoreError       a restored process did not get its GPU state back: cold boot
+    │   └── DriverCallError       one driver call's CUresult (internal)  fastboot.gpu.checkpoint
+    ├── EngineError               the engine did not start, answer, or reproduce its oracle
+    │                                                                     fastboot.engines.base
+    ├── SnapshotInvalid           a snapshot that must not be restored    fastboot.snapshot.store
+    ├── NetworkError              a namespace, veth or address could not be set up
+    │                                                                     fastboot.host.netns
+    ├── NotFound, Conflict        the agent's 404 and 409                 fastboot.agent.replicas
+    ├── QueueFull, QueueTimeout   a model's request queue: 429, 503       fastboot.router.queue
+    └── (private) _Retry          fastboot.router.app, _Refused in fastboot.buffer.health
+
+    Stop (BaseException)          SIGINT/SIGTERM as an exception          fastboot.host.signals
+                                  not a FastbootError on purpose: like KeyboardInterrupt it must
+                                  pass every `except FastbootError` and unwind to the run's
+                                  `finally`, which stops every engine
 
 Foreign exceptions (OSError, subprocess errors) are translated into these at exactly one
-boundary, with `raise ... from exc`, so callers handle one tree.
+boundary, with `raise ... from exc`, so callers handle one tree. tests/unit/test_structure.py
+checks that every exception class in fastboot is listed here and derives from FastbootError.
 """
 
 from __future__ import annotations

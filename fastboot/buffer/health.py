@@ -34,6 +34,7 @@ from typing import Any
 import aiohttp
 
 from fastboot.buffer.hosts import HostSpec
+from fastboot.errors import FastbootError
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class AgentCheck:
             return doc
 
 
-class _Refused(Exception):
+class _Refused(FastbootError):
     """The agent answered, but not with a usable document."""
 
 

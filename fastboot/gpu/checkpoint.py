@@ -42,13 +42,12 @@ class ProcessState(enum.IntEnum):
     RESTORING = 5
 
 
-class DriverCallError(Exception):
+class DriverCallError(GpuError):
     """A cuCheckpointProcess* call returned something other than CUDA_SUCCESS (internal: the
     checkpointer turns it into a GpuError)."""
 
     def __init__(self, code: str) -> None:
-        self.code = code
-        super().__init__(code)
+        super().__init__(code, code=code)
 
 
 #: Codes with which a lock whose timeout expired returns (the process stays RUNNING).

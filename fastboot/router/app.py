@@ -21,6 +21,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from fastboot.errors import FastbootError
 from fastboot.router.balancer import Balancer, prompt_text
 from fastboot.router.config import RouterConfig
 from fastboot.router.controller import Controller
@@ -68,7 +69,7 @@ def sse_error(message: str, code: str) -> bytes:
     return b"data: " + json.dumps(doc).encode() + b"\n\n"
 
 
-class _Retry(Exception):
+class _Retry(FastbootError):
     """The replica refused the connection before anything was sent: try another."""
 
 

@@ -12,15 +12,17 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from fastboot.errors import FastbootError
+
 if TYPE_CHECKING:
     from fastboot.router.upstream import Replica
 
 
-class QueueFull(Exception):
+class QueueFull(FastbootError):
     """The model's queue holds `queue_max` requests already (answered 429 + Retry-After)."""
 
 
-class QueueTimeout(Exception):
+class QueueTimeout(FastbootError):
     """No replica slot within the request's queue deadline (answered 503 with the reason)."""
 
 
