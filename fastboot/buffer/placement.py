@@ -30,7 +30,7 @@ import aiohttp
 from fastboot.buffer.hosts import Host, HostState
 from fastboot.buffer.manager import BufferManager
 from fastboot.errors import AgentError, NoHostAvailableError
-from fastboot.router.config import AgentConfig
+from fastboot.router.config import AgentEndpoint
 from fastboot.router.placement import AgentClient, ReplicaInfo
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ class BufferedPlacement:
 
     async def _hold(self, host: Host) -> Held:
         spec = host.spec
-        config = AgentConfig(url=spec.address, token=spec.token, name=spec.name)
+        config = AgentEndpoint(url=spec.address, token=spec.token, name=spec.name)
         client = AgentClient(config, self._session, self._agent_timeout_s)
         held = Held(host, client, slots=1)
         try:

@@ -28,7 +28,7 @@ from fastboot.router.controller import Controller
 from fastboot.router.metrics import RouterMetrics
 from fastboot.router.pool import ModelPool, QueueFull, QueueTimeout
 from fastboot.router.queue import Waiter
-from fastboot.router.upstream import Replica
+from fastboot.router.upstream import RoutedReplica
 
 logger = logging.getLogger(__name__)
 
@@ -318,7 +318,7 @@ class Router:
         self,
         request: web.Request,
         pool: ModelPool,
-        replica: Replica,
+        replica: RoutedReplica,
         body: bytes,
         doc: dict[str, Any],
         waiter: Waiter | None,
@@ -388,7 +388,7 @@ class Router:
         self,
         request: web.Request,
         pool: ModelPool,
-        replica: Replica,
+        replica: RoutedReplica,
         response: aiohttp.ClientResponse,
         headers: CIMultiDict[str],
         waiter: Waiter | None,
@@ -452,7 +452,7 @@ class Router:
             logger.info("%s cold start: first token %.2f s after the request", pool.name, elapsed)
 
     def _crashed(
-        self, pool: ModelPool, replica: Replica, exc: BaseException, arrived: float
+        self, pool: ModelPool, replica: RoutedReplica, exc: BaseException, arrived: float
     ) -> web.StreamResponse:
         self.controller.replica_failed(pool, replica, f"{type(exc).__name__}: {exc}")
         return self._finish(
@@ -468,7 +468,7 @@ class Router:
         )
 
     def _idle_timeout(
-        self, pool: ModelPool, replica: Replica, arrived: float
+        self, pool: ModelPool, replica: RoutedReplica, arrived: float
     ) -> web.StreamResponse:
         return self._finish(
             pool.name,

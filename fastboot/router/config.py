@@ -13,7 +13,7 @@ The file's shape:
     snapshot = "3f2a9c"
     max_replicas = 4
 
-    [[agents]]                    # AgentConfig fields
+    [[agents]]                    # AgentEndpoint fields
     url = "http://10.0.0.5:8700"
     token_file = "/etc/fastboot/agent.token"
 
@@ -90,7 +90,7 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class AgentConfig:
+class AgentEndpoint:
     """One per-host agent (docs/agent-api.md) the router may place replicas on."""
 
     #: Base address, e.g. http://10.0.0.5:8700 (no /v1).
@@ -140,7 +140,7 @@ class RouterConfig:
     #: Models by public name.
     models: tuple[ModelConfig, ...] = ()
     #: Agents, tried in order of free slots.
-    agents: tuple[AgentConfig, ...] = ()
+    agents: tuple[AgentEndpoint, ...] = ()
     #: Listen address (loopback unless set).
     host: str = "127.0.0.1"
     #: Listen port.
@@ -229,7 +229,7 @@ def config_from_dict(
         if token_file := table.pop("token_file", None):
             lines = _read_lines(_resolve(base, token_file), f"{where}.token_file")
             table["token"] = lines[0] if lines else ""
-        agents.append(_build(AgentConfig, table, where))
+        agents.append(_build(AgentEndpoint, table, where))
 
     config = _build(
         RouterConfig,

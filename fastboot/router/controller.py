@@ -35,7 +35,7 @@ from fastboot.router.placement import (
     ReplicaInfo,
 )
 from fastboot.router.pool import ModelPool
-from fastboot.router.upstream import BOOTING, DRAINING, GONE, UNHEALTHY, Replica, Upstream
+from fastboot.router.upstream import BOOTING, DRAINING, GONE, UNHEALTHY, RoutedReplica, Upstream
 from fastboot.router.upstream import READY as R_READY
 
 if TYPE_CHECKING:
@@ -237,7 +237,7 @@ class Controller:
         await self._watch(pool, agent, replica, started)
 
     async def _watch(
-        self, pool: ModelPool, agent: AgentClient, replica: Replica, started: float
+        self, pool: ModelPool, agent: AgentClient, replica: RoutedReplica, started: float
     ) -> None:
         """Long-poll the agent until `replica` is ready (open it) or failed (replace it)."""
         deadline = started + pool.config.boot_timeout_s
@@ -278,8 +278,8 @@ class Controller:
         logger.info("%s replica %s ready in %.2f s", pool.name, replica.id, total)
         self._open(pool, replica)
 
-    def _add(self, pool: ModelPool, agent: AgentClient, info: ReplicaInfo) -> Replica:
-        replica = Replica(
+    def _add(self, pool: ModelPool, agent: AgentClient, info: ReplicaInfo) -> RoutedReplica:
+        replica = RoutedReplica(
             info.id,
             pool.name,
             agent.name,
@@ -291,7 +291,7 @@ class Controller:
         self._count_states(pool)
         return replica
 
-    def _open(self, pool: ModelPool, replica: Replica) -> None:
+    def _open(self, pool: ModelPool, replica: RoutedReplica) -> None:
         replica.upstream = Upstream(replica.address, self.config.timeouts)
         replica.state = R_READY
         pool.last_error = None
@@ -300,13 +300,13 @@ class Controller:
 
     # --- failures and retirement -----------------------------------------------------------
 
-    def replica_failed(self, pool: ModelPool, replica: Replica, reason: str) -> None:
+    def replica_failed(self, pool: ModelPool, replica: RoutedReplica, reason: str) -> None:
         """A request saw `replica` crash: stop routing to it, delete and replace it."""
         if replica.state in (UNHEALTHY, GONE):
             return
         self._fail(pool, replica, "crashed", reason)
 
-    def _fail(self, pool: ModelPool, replica: Replica, kind: str, reason: str) -> None:
+    def _fail(self, pool: ModelPool, replica: RoutedReplica, kind: str, reason: str) -> None:
         logger.warning("%s replica %s %s: %s; replacing it", pool.name, replica.id, kind, reason)
         self.metrics.replica_failures.labels(pool.name, kind).inc()
         pool.last_error = f"replica {replica.id} of {pool.name} {kind}: {reason}"
@@ -316,7 +316,7 @@ class Controller:
         if pool.queue or pool.current() < pool.target:
             pool.need_capacity()
 
-    def _retire(self, pool: ModelPool, replica: Replica) -> None:
+    def _retire(self, pool: ModelPool, replica: RoutedReplica) -> None:
         """A draining replica has finished its requests, or a removed one its last request."""
         if replica.state == GONE:
             if replica.upstream is not None:
@@ -324,7 +324,7 @@ class Controller:
         else:
             self._spawn(self._remove(pool, replica))
 
-    async def _remove(self, pool: ModelPool, replica: Replica) -> None:
+    async def _remove(self, pool: ModelPool, replica: RoutedReplica) -> None:
         with contextlib.suppress(AgentError):
             await self._delete(replica)
         replica.state = GONE
@@ -335,7 +335,7 @@ class Controller:
         if replica.upstream is not None and replica.inflight == 0:
             await replica.upstream.close()
 
-    async def _delete(self, replica: Replica) -> None:
+    async def _delete(self, replica: RoutedReplica) -> None:
         agent = self.placement.agent(replica.agent)
         if agent is None:
             return
@@ -405,7 +405,7 @@ class Controller:
 
     async def _check_health(self) -> None:
         """Replicas their agent reports failed, dead, stopped or unknown are replaced."""
-        ours: dict[str, list[tuple[ModelPool, Replica]]] = {}
+        ours: dict[str, list[tuple[ModelPool, RoutedReplica]]] = {}
         for pool in self.pools.values():
             for replica in pool.replicas.values():
                 if replica.state in (R_READY, DRAINING):

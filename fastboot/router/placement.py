@@ -17,11 +17,11 @@ from typing import Any
 import aiohttp
 
 from fastboot.errors import AgentError
-from fastboot.router.config import AgentConfig
+from fastboot.router.config import AgentEndpoint
 
 logger = logging.getLogger(__name__)
 
-#: Replica states of the agent API.
+#: RoutedReplica states of the agent API.
 RESTORING, READY, STOPPED, FAILED, DEAD = "restoring", "ready", "stopped", "failed", "dead"
 FINAL_STATES = frozenset({READY, STOPPED, FAILED, DEAD})
 
@@ -63,7 +63,7 @@ class AgentClient:
     """One agent's HTTP API over a shared session."""
 
     def __init__(
-        self, config: AgentConfig, session: aiohttp.ClientSession, timeout_s: float = 10.0
+        self, config: AgentEndpoint, session: aiohttp.ClientSession, timeout_s: float = 10.0
     ) -> None:
         self.config = config
         self.url = config.url.rstrip("/")

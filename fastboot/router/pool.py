@@ -16,7 +16,7 @@ from fastboot.router.balancer import Balancer
 from fastboot.router.config import ModelConfig
 from fastboot.router.metrics import RouterMetrics
 from fastboot.router.queue import QueueFull, QueueTimeout, RequestQueue, Waiter
-from fastboot.router.upstream import BOOTING, DRAINING, GONE, READY, Replica
+from fastboot.router.upstream import BOOTING, DRAINING, GONE, READY, RoutedReplica
 
 __all__ = ["ModelPool", "QueueFull", "QueueTimeout"]
 
@@ -36,21 +36,21 @@ class ModelPool:
         self.balancer = balancer
         self.metrics = metrics
         self.clock = clock
-        self.replicas: dict[str, Replica] = {}
+        self.replicas: dict[str, RoutedReplica] = {}
         self.queue = RequestQueue(config.queue_max)
         self.autoscaler = Autoscaler(config)
         #: Placements asked of agents that have no replica yet.
         self.pending = 0
         #: Boots that failed in a row (reset when one is ready); paces replacements.
         self.boot_failures = 0
-        #: Replica count the pool is being driven to (autoscaler and immediate wishes).
+        #: RoutedReplica count the pool is being driven to (autoscaler and immediate wishes).
         self.target = config.floor
         #: Why the last placement or replica failed, for 503 messages.
         self.last_error: str | None = None
         #: Called with (pool, count) to start `count` placements now; set by the Router.
         self.scale_up: Callable[[ModelPool, int], None] = lambda pool, count: None
         #: Called with (pool, replica) when a draining replica has finished; set by the Router.
-        self.retire: Callable[[ModelPool, Replica], None] = lambda pool, replica: None
+        self.retire: Callable[[ModelPool, RoutedReplica], None] = lambda pool, replica: None
         self._queue_depth = metrics.queue_depth.labels(config.name)
         self._queue_wait = metrics.queue_wait.labels(config.name)
         self._prefix = {d: metrics.prefix_route.labels(d) for d in ("hit", "miss", "imbalanced")}
@@ -62,10 +62,10 @@ class ModelPool:
 
     # --- counts ----------------------------------------------------------------------------
 
-    def ready(self) -> list[Replica]:
+    def ready(self) -> list[RoutedReplica]:
         return [r for r in self.replicas.values() if r.state == READY]
 
-    def live(self) -> list[Replica]:
+    def live(self) -> list[RoutedReplica]:
         """Replicas that serve or will: booting and ready (not draining or failed)."""
         return [r for r in self.replicas.values() if r.state in (BOOTING, READY)]
 
@@ -96,7 +96,7 @@ class ModelPool:
 
     # --- admission -------------------------------------------------------------------------
 
-    def _take(self, keys: list[int]) -> Replica | None:
+    def _take(self, keys: list[int]) -> RoutedReplica | None:
         candidates = [r for r in self.replicas.values() if r.has_room]
         if not candidates:
             return None
@@ -106,7 +106,9 @@ class ModelPool:
         replica.inflight += 1
         return replica
 
-    async def acquire(self, keys: list[int], deadline: float) -> tuple[Replica, Waiter | None]:
+    async def acquire(
+        self, keys: list[int], deadline: float
+    ) -> tuple[RoutedReplica, Waiter | None]:
         """A replica slot (in-flight already counted) and the waiter if the request queued.
 
         Raises QueueFull at once when the queue is at its bound, QueueTimeout at `deadline`.
@@ -187,7 +189,7 @@ class ModelPool:
             replica.inflight += 1
             waiter.future.set_result(replica)
 
-    def release(self, replica: Replica) -> None:
+    def release(self, replica: RoutedReplica) -> None:
         """A request on `replica` finished (in any way)."""
         replica.inflight -= 1
         self._change(-1)

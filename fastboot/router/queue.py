@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from fastboot.errors import FastbootError
 
 if TYPE_CHECKING:
-    from fastboot.router.upstream import Replica
+    from fastboot.router.upstream import RoutedReplica
 
 
 class QueueFull(FastbootError):
@@ -31,7 +31,7 @@ class Waiter:
     """One queued request."""
 
     #: Resolved with the replica it may use.
-    future: asyncio.Future[Replica]
+    future: asyncio.Future[RoutedReplica]
     #: Its prefix keys, for the balancer.
     keys: list[int]
     #: Monotonic time it was queued.

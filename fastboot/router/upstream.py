@@ -34,7 +34,7 @@ class Upstream:
         await self.session.close()
 
 
-class Replica:
+class RoutedReplica:
     """A replica of one model: where it is, its state, and the router's in-flight count."""
 
     __slots__ = (
@@ -80,4 +80,4 @@ class Replica:
         return self.state == READY and self.inflight < self.cap
 
     def __repr__(self) -> str:
-        return f"Replica({self.id} {self.model} {self.state} {self.inflight}/{self.cap})"
+        return f"RoutedReplica({self.id} {self.model} {self.state} {self.inflight}/{self.cap})"

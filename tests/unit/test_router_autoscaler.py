@@ -12,7 +12,7 @@ from fastboot.router.balancer import Balancer
 from fastboot.router.config import ModelConfig
 from fastboot.router.metrics import RouterMetrics
 from fastboot.router.pool import ModelPool
-from fastboot.router.upstream import READY, Replica
+from fastboot.router.upstream import READY, RoutedReplica
 
 BASE = ModelConfig(
     name="m",
@@ -115,7 +115,7 @@ def test_requests_shorter_than_a_tick_still_count_as_demand() -> None:
     async def main() -> None:
         now = [0.0]
         pool = ModelPool(BASE, Balancer(), RouterMetrics(), clock=lambda: now[0])
-        replica = Replica("r1", "m", "agent", "http://127.0.0.1:1", "m", cap=4)
+        replica = RoutedReplica("r1", "m", "agent", "http://127.0.0.1:1", "m", cap=4)
         replica.state = READY
         pool.replicas[replica.id] = replica
         now[0] = 1.0

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from fastboot.router.app import Router
-from fastboot.router.config import AgentConfig, ModelConfig, RouterConfig
+from fastboot.router.config import AgentEndpoint, ModelConfig, RouterConfig
 from fastboot.router.testing import FakeAgent, FakeEngine, completion_body
 from fastboot.serve import free_port
 
@@ -70,7 +70,7 @@ async def fleet(
     router: dict[str, Any] | None = None,
     agent: dict[str, Any] | None = None,
     engine: FakeEngine | None = None,
-    extra_agents: tuple[AgentConfig, ...] = (),
+    extra_agents: tuple[AgentEndpoint, ...] = (),
 ) -> AsyncIterator[Fleet]:
     eng = engine or FakeEngine()
     await eng.start()
@@ -78,7 +78,7 @@ async def fleet(
     await fake.start()
     config = RouterConfig(
         models=(ModelConfig(name=MODEL, snapshot="snap", **(model or {})),),
-        agents=(*extra_agents, AgentConfig(fake.url, token=fake.token, name="fake")),
+        agents=(*extra_agents, AgentEndpoint(fake.url, token=fake.token, name="fake")),
         port=0,
         **(router or {}),
     )
@@ -96,9 +96,9 @@ async def fleet(
         await eng.stop()
 
 
-def dead_agent() -> AgentConfig:
+def dead_agent() -> AgentEndpoint:
     """An agent address where nothing listens."""
-    return AgentConfig(f"http://127.0.0.1:{free_port()}", token="x", name="dead")
+    return AgentEndpoint(f"http://127.0.0.1:{free_port()}", token="x", name="dead")
 
 
 # --- routing and scale from zero -------------------------------------------------------------
@@ -193,7 +193,7 @@ def test_adopts_ready_replicas_the_agent_already_runs() -> None:
         agent.add_replica("snap-full-id", state="ready")
         config = RouterConfig(
             models=(ModelConfig(name=MODEL, snapshot="snap"),),
-            agents=(AgentConfig(agent.url, token=agent.token),),
+            agents=(AgentEndpoint(agent.url, token=agent.token),),
             port=0,
         )
         router = Router(config)
@@ -425,7 +425,7 @@ def test_queued_requests_go_to_the_replacement_when_a_replica_refuses_connection
         await agent.start()
         config = RouterConfig(
             models=(ModelConfig(name=MODEL, snapshot="snap"),),
-            agents=(AgentConfig(agent.url, token=agent.token),),
+            agents=(AgentEndpoint(agent.url, token=agent.token),),
             port=0,
         )
         router = Router(config)
