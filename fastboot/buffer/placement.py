@@ -27,11 +27,10 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from fastboot.buffer.agents import AgentClient, AgentEndpoint, ReplicaInfo
 from fastboot.buffer.hosts import Host, HostState
 from fastboot.buffer.manager import BufferManager
 from fastboot.errors import AgentError, NoHostAvailableError
-from fastboot.router.config import AgentEndpoint
-from fastboot.router.placement import AgentClient, ReplicaInfo
 
 log = logging.getLogger(__name__)
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fastboot.buffer.agents import AgentEndpoint
 from fastboot.errors import ConfigError
 
 T = TypeVar("T")
@@ -87,22 +88,6 @@ class ModelConfig:
     def target_per_replica(self) -> float:
         """In-flight requests per replica the autoscaler aims for."""
         return max(self.concurrency * self.target_utilization, 1e-9)
-
-
-@dataclass(frozen=True)
-class AgentEndpoint:
-    """One per-host agent (docs/agent-api.md) the router may place replicas on."""
-
-    #: Base address, e.g. http://10.0.0.5:8700 (no /v1).
-    url: str
-    #: Bearer token of the agent (from `token` or `token_file`); never logged.
-    token: str = field(default="", repr=False)
-    #: Name in logs and metrics (default: the url).
-    name: str = ""
-
-    @property
-    def label(self) -> str:
-        return self.name or self.url
 
 
 @dataclass(frozen=True)

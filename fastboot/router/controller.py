@@ -17,30 +17,30 @@ import logging
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 
-from fastboot.errors import AgentError
-from fastboot.router.config import BufferSection, RouterConfig
-from fastboot.router.metrics import RouterMetrics
-from fastboot.router.placement import (
+from fastboot.buffer.agents import (
     DEAD,
     FAILED,
     READY,
     RESTORING,
     STOPPED,
     AgentClient,
-    Placement,
     ReplicaInfo,
 )
+from fastboot.buffer.health import deep_check, short_check
+from fastboot.buffer.hosts import StaticProvider
+from fastboot.buffer.manager import BufferConfig, BufferManager
+from fastboot.buffer.placement import BufferedPlacement
+from fastboot.errors import AgentError
+from fastboot.router.config import BufferSection, RouterConfig
+from fastboot.router.metrics import RouterMetrics
+from fastboot.router.placement import Placement
 from fastboot.router.pool import ModelPool
 from fastboot.router.upstream import BOOTING, DRAINING, GONE, UNHEALTHY, RoutedReplica, Upstream
 from fastboot.router.upstream import READY as R_READY
-
-if TYPE_CHECKING:
-    from fastboot.buffer.manager import BufferManager
-    from fastboot.buffer.placement import BufferedPlacement
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +100,6 @@ class Controller:
         self, section: BufferSection, session: aiohttp.ClientSession
     ) -> BufferedPlacement:
         """Agents come from a buffer of checked idle hosts; a host taken is refilled at once."""
-        from fastboot.buffer.health import deep_check, short_check
-        from fastboot.buffer.hosts import StaticProvider
-        from fastboot.buffer.manager import BufferConfig, BufferManager
-        from fastboot.buffer.placement import BufferedPlacement
-
         provider = StaticProvider.from_file(Path(section.hosts_file))
         self._buffer = BufferManager(
             provider,

@@ -32,12 +32,12 @@ import pytest
 
 from fastboot.agent.replicas import kill_namespace
 from fastboot.buffer import BufferConfig, BufferEvent, BufferManager, HostState, StaticProvider
+from fastboot.buffer.agents import AgentClient, ReplicaInfo
 from fastboot.buffer.health import deep_check, short_check
 from fastboot.buffer.hosts import Host, HostId
 from fastboot.buffer.placement import BufferedPlacement
 from fastboot.errors import AgentError, NoHostAvailableError
 from fastboot.host import netns
-from fastboot.router.placement import AgentClient, ReplicaInfo
 from tests.agents import Agent, start_agent
 from tests.engine_process import log_tail, processes_mentioning
 

@@ -16,8 +16,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from fastboot.buffer.agents import AgentEndpoint
 from fastboot.router.app import Router
-from fastboot.router.config import AgentEndpoint, ModelConfig, RouterConfig
+from fastboot.router.config import ModelConfig, RouterConfig
 from fastboot.router.testing import FakeAgent, FakeEngine, completion_body
 from fastboot.serve import free_port
 
