@@ -7,16 +7,9 @@ import re
 from pathlib import Path
 
 from fastboot import envs
+from fastboot.cli.sizes import parse_size
 from fastboot.errors import UsageError
 from fastboot.host import netns
-
-
-def _size(text: str) -> int:
-    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    match = re.fullmatch(r"(\d+)([kmg]?)i?b?", text.strip().lower())
-    if not match:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 2g or 1536m")
-    return int(match[1]) * units[match[2]]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--subnet", default=netns.DEFAULT_SUBNET, help="replica links (one /30 each)"
     )
     parser.add_argument(
-        "--replica-memory", type=_size, default=None, help="cgroup memory limit per replica"
+        "--replica-memory", type=parse_size, default=None, help="cgroup memory limit per replica"
     )
     parser.add_argument(
         "--replica-cpus", type=float, default=None, help="CPU cores per replica (cgroup quota)"

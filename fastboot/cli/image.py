@@ -8,19 +8,8 @@ import time
 from pathlib import Path
 
 from fastboot import envs
+from fastboot.cli.sizes import parse_size
 from fastboot.errors import UsageError
-
-
-def _size(text: str) -> int:
-    """'512M', '4G', '1048576' -> bytes."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    try:
-        if text and text[-1] in units:
-            return int(float(text[:-1]) * units[text[-1]])
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 512M, 4G)") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build = sub.add_parser("build", help="build an image from a directory", allow_abbrev=False)
     build.add_argument("source", type=Path, metavar="SRC", help="directory to build from")
     build.add_argument("--name", required=True, help="image name")
-    build.add_argument("--chunk-size", type=_size, default="4M", help="chunk size (default 4M)")
+    build.add_argument(
+        "--chunk-size", type=parse_size, default="4M", help="chunk size (default 4M)"
+    )
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     mount = sub.add_parser("mount", help="mount an image read-only (lazy)", allow_abbrev=False)
@@ -47,10 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mount.add_argument(
         "--metrics-port", type=int, default=0, help="serve /metrics on 127.0.0.1:PORT"
     )
-    mount.add_argument("--ram", type=_size, default="64M", help="RAM chunk cache (default 64M)")
+    mount.add_argument(
+        "--ram", type=parse_size, default="64M", help="RAM chunk cache (default 64M)"
+    )
     mount.add_argument(
         "--prefetch-rate",
-        type=_size,
+        type=parse_size,
         default="256M",
         help="bytes/s the profile replay may use (default 256M; 0: no cap)",
     )
@@ -74,7 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     gc = sub.add_parser("gc", help="remove what no image or mount uses; trim the SSD cache")
     gc.add_argument(
-        "--cache-max", type=_size, default=None, help="trim the SSD chunk cache above this size"
+        "--cache-max",
+        type=parse_size,
+        default=None,
+        help="trim the SSD chunk cache above this size",
     )
 
     push = sub.add_parser("push", help="publish an image into a remote store directory")

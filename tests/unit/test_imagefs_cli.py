@@ -9,15 +9,21 @@ import pytest
 
 from fastboot.cli import image
 from fastboot.cli.main import main
+from fastboot.cli.sizes import parse_size
 
 
 def test_sizes_parse() -> None:
-    assert image._size("4M") == 4 << 20
-    assert image._size("512KiB") == 512 << 10
-    assert image._size("1.5G") == int(1.5 * (1 << 30))
-    assert image._size("1000") == 1000
-    with pytest.raises(argparse.ArgumentTypeError):
-        image._size("lots")
+    """One parser for every size flag: what `fastboot image` and `fastboot agent` each took."""
+    assert parse_size("4M") == 4 << 20
+    assert parse_size("512KiB") == 512 << 10
+    assert parse_size("1.5G") == int(1.5 * (1 << 30))
+    assert parse_size("1000") == 1000
+    assert parse_size("2g") == 2 << 30
+    assert parse_size("1536mb") == 1536 << 20
+    assert parse_size(" 1T ") == 1 << 40
+    for bad in ("lots", "", "1.5.2G", "-1M", "4X", "M"):
+        with pytest.raises(argparse.ArgumentTypeError, match="is not a size"):
+            parse_size(bad)
 
 
 def test_every_action_parses() -> None:
