@@ -4,8 +4,10 @@
 - `hosts`: the host lifecycle state machine and the `Provider` protocol (`StaticProvider`).
 - `health`: the two tiers of health checks (short on boot/assignment, deep on idle hosts).
 - `manager`: `BufferManager`, which keeps the buffer at its targets and hands hosts out.
+- `agents`: `AgentClient`, the client of each host's agent (`AgentEndpoint`: where it is and
+  its token; `ReplicaInfo`: its answers), which the router places through too.
 - `placement`: `BufferedPlacement`, the router's placement over hosts taken from the buffer
-  (import it from its module: it needs the router's agent client, so this package does not).
+  (import it and `agents` from their modules).
 
 docs/buffer.md writes the model and the lifecycle down.
 """

@@ -18,7 +18,8 @@ from fastboot.errors import AgentError
 
 @dataclass(frozen=True)
 class AgentEndpoint:
-    """One per-host agent (docs/agent-api.md) the router may place replicas on."""
+    """Where one per-host agent (docs/agent-api.md) listens and how to authenticate to it: a
+    router's `[[agents]]` entry, or a buffer host's address and token."""
 
     #: Base address, e.g. http://10.0.0.5:8700 (no /v1).
     url: str

@@ -13,7 +13,7 @@ The file's shape:
     snapshot = "3f2a9c"
     max_replicas = 4
 
-    [[agents]]                    # AgentEndpoint fields
+    [[agents]]                    # AgentEndpoint fields (fastboot.buffer.agents)
     url = "http://10.0.0.5:8700"
     token_file = "/etc/fastboot/agent.token"
 
