@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import sys
 import pytest
 
 from fastboot.cli import main as cli
+from fastboot.cli.sizes import parse_size
 
 
 def test_help_lists_commands_without_importing_heavy_modules() -> None:
@@ -56,3 +58,68 @@ def test_version() -> None:
     import fastboot
 
     assert out.stdout.strip() == f"fastboot {fastboot.__version__}"
+
+
+GiB, MiB, KiB = 1 << 30, 1 << 20, 1 << 10
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        # What `fastboot image` took (--chunk-size, --ram, --prefetch-rate, --cache-max):
+        ("1048576", 1048576),
+        ("0", 0),
+        ("4M", 4 * MiB),
+        ("512K", 512 * KiB),
+        ("1T", 1 << 40),
+        ("512KiB", 512 * KiB),
+        ("4MB", 4 * MiB),
+        ("1.5G", int(1.5 * GiB)),
+        (".5G", GiB // 2),
+        ("1.G", GiB),
+        ("64 M", 64 * MiB),
+        ("64 MiB", 64 * MiB),
+        ("4B", 4),
+        (" 1T ", 1 << 40),
+        # What `fastboot agent` took (--replica-memory):
+        ("2g", 2 * GiB),
+        ("1536m", 1536 * MiB),
+        ("2gib", 2 * GiB),
+        ("2gb", 2 * GiB),
+        ("2048k", 2 * MiB),
+        ("4mi", 4 * MiB),
+        ("4ib", 4),
+    ],
+)
+def test_parse_size_accepts(text: str, size: int) -> None:
+    """One parser for every size flag: the union of what `fastboot image` and `fastboot agent`
+    each took (binary units, any case, optional i and b, a fraction only with a unit)."""
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "lots",
+        "M",
+        "4X",
+        "1.5",
+        "1.5B",
+        "1.5.2G",
+        "1..5G",
+        ".G",
+        "4MBB",
+        "4 M B",
+        "-1M",
+        "+4M",
+        "1e3K",
+        "1_000",
+        "infK",
+    ],
+)
+def test_parse_size_rejects(text: str) -> None:
+    """Neither a size nor a Python number literal's extras (sign, exponent, _): argparse then
+    reports `invalid value` for the flag instead of a traceback."""
+    with pytest.raises(argparse.ArgumentTypeError, match="is not a size"):
+        parse_size(text)
