@@ -20,7 +20,7 @@ import ctypes
 import enum
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -173,13 +173,35 @@ class CudaCheckpointer:
                 got.name,
             )
 
+    def _step(
+        self,
+        pid: int,
+        step: str,
+        call: Callable[[], None],
+        error: type[GpuError],
+        advice: str,
+        after: ProcessState,
+    ) -> None:
+        """One driver call for pid, then the state check. A failed call raises `error`:
+        "cuda STEP of pid PID failed (CODE); ADVICE"."""
+        try:
+            call()
+        except DriverCallError as exc:
+            raise error(
+                f"cuda {step} of pid {pid} failed ({exc.code}); {advice}", pid, step, exc.code
+            ) from exc
+        self._expect(pid, step, after, error)
+
     def lock(self, pid: int, timeout_ms: int) -> None:
         """RUNNING -> LOCKED: further CUDA calls of pid block. On timeout the process is left
         RUNNING and SnapshotAbandonedError says so."""
-        try:
-            self._driver.lock(pid, timeout_ms)
-        except DriverCallError as exc:
-            if exc.code in LOCK_TIMEOUT_CODES:
+
+        def call() -> None:
+            try:
+                self._driver.lock(pid, timeout_ms)
+            except DriverCallError as exc:
+                if exc.code not in LOCK_TIMEOUT_CODES:
+                    raise
                 raise SnapshotAbandonedError(
                     f"cuda lock of pid {pid} timed out after {timeout_ms} ms (its CUDA work did "
                     "not drain); it keeps running and the snapshot is abandoned; quiesce the "
@@ -188,56 +210,49 @@ class CudaCheckpointer:
                     "lock",
                     exc.code,
                 ) from exc
-            raise SnapshotAbandonedError(
-                f"cuda lock of pid {pid} failed ({exc.code}); the snapshot is abandoned; "
-                "check `fastboot doctor` (driver >= 570, same user or root)",
-                pid,
-                "lock",
-                exc.code,
-            ) from exc
-        self._expect(pid, "lock", ProcessState.LOCKED, SnapshotAbandonedError)
+
+        self._step(
+            pid,
+            "lock",
+            call,
+            SnapshotAbandonedError,
+            "the snapshot is abandoned; check `fastboot doctor` (driver >= 570, same user or root)",
+            ProcessState.LOCKED,
+        )
 
     def checkpoint(self, pid: int) -> None:
         """LOCKED -> CHECKPOINTED: device memory moves into pid's host memory."""
-        try:
-            self._driver.checkpoint(pid)
-        except DriverCallError as exc:
-            raise SnapshotAbandonedError(
-                f"cuda checkpoint of pid {pid} failed ({exc.code}); the snapshot is abandoned; "
-                "the host may lack memory for the device contents",
-                pid,
-                "checkpoint",
-                exc.code,
-            ) from exc
-        self._expect(pid, "checkpoint", ProcessState.CHECKPOINTED, SnapshotAbandonedError)
+        self._step(
+            pid,
+            "checkpoint",
+            lambda: self._driver.checkpoint(pid),
+            SnapshotAbandonedError,
+            "the snapshot is abandoned; the host may lack memory for the device contents",
+            ProcessState.CHECKPOINTED,
+        )
 
     def restore(self, pid: int, gpu_pairs: Sequence[tuple[str, str]] = ()) -> None:
         """CHECKPOINTED -> LOCKED: device memory goes back (onto gpu_pairs' new GPUs if given)."""
-        try:
-            self._driver.restore(pid, gpu_pairs)
-        except DriverCallError as exc:
-            raise GpuRestoreError(
-                f"cuda restore of pid {pid} failed ({exc.code}); kill the restored tree and "
-                "boot cold (same GPU model with enough free memory is required)",
-                pid,
-                "restore",
-                exc.code,
-            ) from exc
-        self._expect(pid, "restore", ProcessState.LOCKED, GpuRestoreError)
+        self._step(
+            pid,
+            "restore",
+            lambda: self._driver.restore(pid, gpu_pairs),
+            GpuRestoreError,
+            "kill the restored tree and boot cold (same GPU model with enough free memory is "
+            "required)",
+            ProcessState.LOCKED,
+        )
 
     def unlock(self, pid: int) -> None:
         """LOCKED -> RUNNING: pid's CUDA calls proceed."""
-        try:
-            self._driver.unlock(pid)
-        except DriverCallError as exc:
-            raise GpuError(
-                f"cuda unlock of pid {pid} failed ({exc.code}); its CUDA calls stay blocked, "
-                "so kill it and boot cold",
-                pid,
-                "unlock",
-                exc.code,
-            ) from exc
-        self._expect(pid, "unlock", ProcessState.RUNNING, GpuError)
+        self._step(
+            pid,
+            "unlock",
+            lambda: self._driver.unlock(pid),
+            GpuError,
+            "its CUDA calls stay blocked, so kill it and boot cold",
+            ProcessState.RUNNING,
+        )
 
 
 def _holds_cuda(pid: int, proc: Path) -> bool:
