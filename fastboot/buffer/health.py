@@ -71,6 +71,28 @@ async def _timed(name: str, run: Callable[[], Awaitable[tuple[Outcome, str]]]) -
     return CheckResult(name, outcome, detail, time.perf_counter() - start)
 
 
+class _LocalCheck:
+    """A check that runs on this machine (a process, the kernel log): UNAVAILABLE, which is not
+    held against the host, where the host's agent runs elsewhere. A subclass sets `name` and
+    `needs` and writes `_run`."""
+
+    #: The check's name in its results.
+    name: str
+    #: What needs the agent here, in the UNAVAILABLE detail (e.g. "Xid scan").
+    needs: str
+
+    async def __call__(self, spec: HostSpec) -> CheckResult:
+        return await _timed(self.name, lambda: self._on_this_machine(spec))
+
+    async def _on_this_machine(self, spec: HostSpec) -> tuple[Outcome, str]:
+        if not spec.local:
+            return Outcome.UNAVAILABLE, f"{self.needs} needs the agent on this machine"
+        return await self._run(spec)
+
+    async def _run(self, spec: HostSpec) -> tuple[Outcome, str]:
+        raise NotImplementedError
+
+
 class AgentCheck:
     """The agent answers `/v1/health` with status ok and `/v1/resources` with a usable host."""
 
@@ -174,8 +196,10 @@ async def _kill_group(proc: asyncio.subprocess.Process) -> None:
     await proc.wait()
 
 
-class RuntimeSelfTest:
+class RuntimeSelfTest(_LocalCheck):
     """Import torch and multiply matrices in the engine's Python, under a deadline."""
+
+    needs = "runtime self-test"
 
     def __init__(
         self,
@@ -187,12 +211,7 @@ class RuntimeSelfTest:
         self.device, self.size, self.deadline_s, self.python = device, size, deadline_s, python
         self.name = f"selftest[{device}]"
 
-    async def __call__(self, spec: HostSpec) -> CheckResult:
-        return await _timed(self.name, lambda: self._run(spec))
-
     async def _run(self, spec: HostSpec) -> tuple[Outcome, str]:
-        if not spec.local:
-            return Outcome.UNAVAILABLE, "runtime self-test needs the agent on this machine"
         argv = [self.python, "-c", SELFTEST, self.device, str(self.size)]
         try:
             code, out = await run_deadline(argv, self.deadline_s)
@@ -222,17 +241,13 @@ def critical_xids(kernel_log: str) -> list[tuple[str, int]]:
     return found
 
 
-class XidCheck:
+class XidCheck(_LocalCheck):
     """No critical Xid in the kernel log since boot (read with dmesg)."""
 
     name = "xid"
-
-    async def __call__(self, spec: HostSpec) -> CheckResult:
-        return await _timed(self.name, lambda: self._run(spec))
+    needs = "Xid scan"
 
     async def _run(self, spec: HostSpec) -> tuple[Outcome, str]:
-        if not spec.local:
-            return Outcome.UNAVAILABLE, "Xid scan needs the agent on this machine"
         if not (dmesg := shutil.which("dmesg")):
             return Outcome.UNAVAILABLE, "dmesg not found"
         code, out = await run_deadline([dmesg], 10.0)
@@ -311,20 +326,17 @@ class NvmlCheck:
         return Outcome.PASS, f"{count} GPUs healthy per NVML"
 
 
-class DcgmDiag:
+class DcgmDiag(_LocalCheck):
     """`dcgmi diag -r LEVEL` (1: seconds to a minute; 2: ~2 min; 3: ~15 min; 4: ~1 h)."""
+
+    needs = "dcgmi diag"
 
     def __init__(self, level: int = 1, deadline_s: float | None = None) -> None:
         self.level = level
         self.deadline_s = deadline_s or {1: 300.0, 2: 600.0, 3: 1800.0}.get(level, 7200.0)
         self.name = f"dcgm[r{level}]"
 
-    async def __call__(self, spec: HostSpec) -> CheckResult:
-        return await _timed(self.name, lambda: self._run(spec))
-
     async def _run(self, spec: HostSpec) -> tuple[Outcome, str]:
-        if not spec.local:
-            return Outcome.UNAVAILABLE, "dcgmi diag needs the agent on this machine"
         if not (dcgmi := shutil.which("dcgmi")):
             return Outcome.UNAVAILABLE, "dcgmi not installed (NVIDIA DCGM); deep GPU diag skipped"
         code, out = await run_deadline([dcgmi, "diag", "-r", str(self.level)], self.deadline_s)
