@@ -20,8 +20,11 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
+from typing import TypeVar
 
 from fastboot.router.config import ModelConfig
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -49,20 +52,14 @@ class Autoscaler:
 
     def observe(self, now: float, demand: float) -> None:
         """Record the model's demand (in-flight + queued requests) at `now`."""
-        self._samples.append((now, demand))
-        horizon = now - self.model.stable_window_s
-        while self._samples and self._samples[0][0] < horizon:
-            self._samples.popleft()
+        _record(self._samples, now, demand, self.model.stable_window_s)
 
     def want(self, now: float, count: int) -> None:
         """Record a wish for `count` replicas made outside a tick (e.g. scale from zero)."""
         self._wish(now, count)
 
     def _wish(self, now: float, count: int) -> None:
-        self._wishes.append((now, count))
-        horizon = now - self.model.scale_down_delay_s
-        while self._wishes and self._wishes[0][0] < horizon:
-            self._wishes.popleft()
+        _record(self._wishes, now, count, self.model.scale_down_delay_s)
 
     def _mean(self, now: float, window_s: float) -> float:
         horizon = now - window_s
@@ -94,3 +91,11 @@ class Autoscaler:
             desired = max(desired, math.floor(current / m.max_scale_down_rate))
         desired = min(max(desired, m.floor), m.max_replicas)
         return Decision(desired, panic, stable, panic_demand)
+
+
+def _record(window: deque[tuple[float, T]], now: float, value: T, span_s: float) -> None:
+    """Append (now, value) to a window ordered by time and drop what is older than span_s."""
+    window.append((now, value))
+    horizon = now - span_s
+    while window and window[0][0] < horizon:
+        window.popleft()
