@@ -172,7 +172,7 @@ async def replay(
             return
         await bucket.take(span.length)
         try:
-            got = await trio.to_thread.run_sync(_fetch_span, tiers, span, limiter=tiers.limiter)
+            got = await trio.to_thread.run_sync(fetch_span, tiers, span, limiter=tiers.limiter)
         except ImageFSError as exc:
             failed.append(exc)
             return
@@ -207,7 +207,7 @@ async def replay(
     return fetched
 
 
-def _fetch_span(tiers: Tiers, span: Span) -> int:
+def fetch_span(tiers: Tiers, span: Span) -> int:
     """One ranged GET for a span; every chunk in it verified and cached (blocking)."""
     assert tiers.remote is not None
     started = time.perf_counter()

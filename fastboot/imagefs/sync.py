@@ -15,11 +15,13 @@ import time
 from dataclasses import dataclass, replace
 
 from fastboot.errors import ImageCorruptError, ImageFSError
+from fastboot.imagefs.build import progress_bar
 from fastboot.imagefs.index import ChunkRef, ImageIndex
 from fastboot.imagefs.metrics import Metrics
-from fastboot.imagefs.prefetch import plan
+from fastboot.imagefs.prefetch import fetch_span, plan
 from fastboot.imagefs.remote import RemoteClient
 from fastboot.imagefs.store import ImageRef, ImageStore, check_name, decode, digest_of
+from fastboot.imagefs.tiers import Tiers
 
 logger = logging.getLogger(__name__)
 
@@ -74,21 +76,16 @@ def fetch_all(
     store: ImageStore, index: ImageIndex, client: RemoteClient, progress: bool | None
 ) -> int:
     """Fetch every chunk of `index` that no local tier has into the SSD cache (verified)."""
-    from fastboot.imagefs.build import _progress
-    from fastboot.imagefs.tiers import Tiers
-
     tiers = Tiers(store, client, Metrics())  # only its blocking half: no trio loop here
     refs = [index.chunk(int(i)) for i in index.unique_chunks()]
     wanted = [r for r in refs if not tiers.is_local(r)]
     total = sum(r.length for r in wanted)
     show = sys.stderr.isatty() if progress is None else progress
     with (
-        _progress(show, total, "fetching") as advance,
+        progress_bar(show, total, "fetching") as advance,
         concurrent.futures.ThreadPoolExecutor(8) as pool,
     ):
-        from fastboot.imagefs.prefetch import _fetch_span
-
-        for got in pool.map(lambda span: _fetch_span(tiers, span), plan(wanted)):
+        for got in pool.map(lambda span: fetch_span(tiers, span), plan(wanted)):
             advance(got)
     missing = [r for r in wanted if not tiers.is_local(r)]
     if missing:
