@@ -48,7 +48,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyfuse3
 import trio
 
@@ -56,8 +55,9 @@ from fastboot.errors import ImageCorruptError
 from fastboot.imagefs import buffers
 from fastboot.imagefs.index import ChunkDigest, ImageIndex
 from fastboot.imagefs.metrics import Metrics
-from fastboot.imagefs.store import ImageStore, digest_of
+from fastboot.imagefs.store import KEEP_MIN_BYTES, ImageStore, big_files, digest_of, file_key
 from fastboot.imagefs.tiers import Tiers
+from fastboot.snapshot.store import MANIFEST
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,6 @@ logger = logging.getLogger(__name__)
 FUSE_DEV_IOC_BACKING_OPEN = 0x4010E501
 #: _IOW(229, 2, uint32_t)
 FUSE_DEV_IOC_BACKING_CLOSE = 0x4004E502
-MIN_BYTES = 64 * 1024 * 1024
 
 
 def supported() -> bool:
@@ -78,27 +77,8 @@ def worth_it(index: ImageIndex) -> bool:
     page image once per restore, straight after fastboot verified it, so keeping the files whole
     only doubled their bytes on disk and competed with the restore for the cores (measured:
     a warm restore from the mounted image took 2.86 s with it, 0.78 s without)."""
-    from fastboot.snapshot.store import MANIFEST
-
     found = index.resolve(MANIFEST)
     return found is None or not index.is_regular(found)
-
-
-def big_files(index: ImageIndex, min_bytes: int = MIN_BYTES) -> list[int]:
-    """The regular files of index that may be kept whole (at least `min_bytes`)."""
-    big = np.nonzero(index.entries["size"] >= min_bytes)[0]
-    return [int(e) for e in big if index.is_regular(int(e))]
-
-
-def file_key(index: ImageIndex, entry: int) -> str:
-    """The content address of one file: BLAKE3 over its chunk digests and its size."""
-    import blake3
-
-    h = blake3.blake3()
-    for k in range(index.chunk_count(entry)):
-        h.update(bytes(index.file_chunk(entry, k).digest))
-    h.update(index.size(entry).to_bytes(8, "little"))
-    return h.hexdigest()
 
 
 @dataclass
@@ -119,7 +99,7 @@ class Passthrough:
         index: ImageIndex,
         tiers: Tiers,
         metrics: Metrics,
-        min_bytes: int = MIN_BYTES,
+        min_bytes: int = KEEP_MIN_BYTES,
         session_fd: Callable[[], int] | None = None,
         ioctl: Callable[..., Any] = fcntl.ioctl,
         mountpoint: str | None = None,

@@ -89,6 +89,29 @@ def decode(ref: ChunkRef, stored: Bytes) -> Bytes:
         raise ImageCorruptError(f"chunk {ref.hex[:16]}… does not decompress ({exc})") from exc
 
 
+KEEP_MIN_BYTES = 64 * 1024 * 1024
+"""The smallest regular file that FUSE passthrough keeps whole under files/
+(fastboot/imagefs/passthrough.py)."""
+
+
+def big_files(index: ImageIndex, min_bytes: int = KEEP_MIN_BYTES) -> list[int]:
+    """The regular files of index that may be kept whole (at least `min_bytes`)."""
+    big = np.nonzero(index.entries["size"] >= min_bytes)[0]
+    return [int(e) for e in big if index.is_regular(int(e))]
+
+
+def file_key(index: ImageIndex, entry: int) -> str:
+    """The content address of one kept file (its name under files/): BLAKE3 over its chunk
+    digests and its size."""
+    import blake3
+
+    h = blake3.blake3()
+    for k in range(index.chunk_count(entry)):
+        h.update(bytes(index.file_chunk(entry, k).digest))
+    h.update(index.size(entry).to_bytes(8, "little"))
+    return h.hexdigest()
+
+
 @dataclass(frozen=True)
 class ImageRef:
     """A named image: which index it is, and where it came from."""
@@ -373,7 +396,7 @@ class ImageStore:
                 logger.warning("gc: keeping everything of index %s: %s", digest[:16], exc)
                 return report
             keep_packs.update(index.pack_names())
-            files = _passthrough_keys(index)
+            files = {file_key(index, e) for e in big_files(index)}
             keep_files.update(files)
             if digest in {m.index for m in live}:
                 mounted_chunks.update(d.tobytes().hex() for d in index.chunks["digest"])
@@ -476,10 +499,3 @@ def _publish_copy(src: Path, dst: Path, tmp_dir: Path, replace: bool = False) ->
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-
-
-def _passthrough_keys(index: ImageIndex) -> set[str]:
-    """Keys of the files of index that passthrough may have written (big regular files)."""
-    from fastboot.imagefs.passthrough import big_files, file_key
-
-    return {file_key(index, e) for e in big_files(index)}

@@ -24,7 +24,7 @@ import pytest
 from fastboot.imagefs import passthrough
 from fastboot.imagefs.build import build
 from fastboot.imagefs.mount import MountOptions, umount
-from fastboot.imagefs.store import ImageStore, MountRecord
+from fastboot.imagefs.store import KEEP_MIN_BYTES, ImageStore, MountRecord
 from fastboot.imagefs.sync import pull
 from fastboot.imagefs.testing import Nginx
 from tests.integration.test_imagefs import metrics_of, mounts, remote
@@ -42,7 +42,7 @@ pytestmark = [
 ]
 
 MiB = 1024 * 1024
-SIZE = passthrough.MIN_BYTES + 3 * MiB + 17
+SIZE = KEEP_MIN_BYTES + 3 * MiB + 17
 
 
 @pytest.fixture(scope="module")

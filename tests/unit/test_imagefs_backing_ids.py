@@ -21,7 +21,7 @@ from fastboot.imagefs.passthrough import (
     FUSE_DEV_IOC_BACKING_OPEN,
     Passthrough,
 )
-from fastboot.imagefs.store import ImageStore
+from fastboot.imagefs.store import ImageStore, file_key
 
 SESSION_FD = 1234
 
@@ -161,7 +161,7 @@ def test_the_key_names_the_content_not_the_path(tmp_path: Path) -> None:
         store = ImageStore(tmp_path / f"store-{name}")
         ref = build(store, src, "img", progress=False)
         stores.append((store.load_index(ref.index), name))
-    keys = {passthrough.file_key(index, entry_of(index, name)) for index, name in stores}
+    keys = {file_key(index, entry_of(index, name)) for index, name in stores}
     assert len(keys) == 1
 
 
