@@ -1,68 +1,41 @@
 """The mount daemon: one process per mount, trio + pyfuse3 (`python -m fastboot.imagefs.daemon`).
 
-Started by `fastboot.imagefs.mount.mount` with a JSON `DaemonConfig` as its only argument, its
-stdout/stderr on the mount's log file, and a pipe fd on which it writes b"ready" once the
-filesystem is mounted. It runs until the mountpoint is unmounted (`fastboot image umount`) or it
-gets SIGTERM/SIGINT (then it unmounts itself). On the way out it saves the prefetch profile and
-the final metrics. Killed with SIGKILL, the kernel fails every access to the mountpoint with
-ENOTCONN until something unmounts it; `fastboot image mount` does that before mounting again.
+Started by `fastboot.imagefs.mount.mount` with a JSON `DaemonConfig` (imagefs/config.py) as its
+only argument, its stdout/stderr on the mount's log file, and a pipe fd on which it writes
+b"ready" once the filesystem is mounted. It runs until the mountpoint is unmounted (`fastboot
+image umount`) or it gets SIGTERM/SIGINT (then it unmounts itself). On the way out it saves the
+prefetch profile and the final metrics. Killed with SIGKILL, the kernel fails every access to the
+mountpoint with ENOTCONN until something unmounts it; `fastboot image mount` does that before
+mounting again. Only the daemon process imports this module (it imports trio and pyfuse3).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import pyfuse3
+import trio
+from prometheus_client import disable_created_metrics, start_http_server
+
+from fastboot import logs
 from fastboot.errors import FastbootError
-
-#: Chunks fetched ahead of a sequential reader (capped by the RAM cache: fs.py's
-#: _readahead_depth); the one default for MountOptions and DaemonConfig.
-READAHEAD_CHUNKS = 12
+from fastboot.imagefs import passthrough, prefetch
+from fastboot.imagefs.config import DaemonConfig
+from fastboot.imagefs.fs import ImageOperations
+from fastboot.imagefs.index import ImageIndex
+from fastboot.imagefs.metrics import Metrics
+from fastboot.imagefs.remote import RemoteClient
+from fastboot.imagefs.store import ImageStore
+from fastboot.imagefs.tiers import Tiers
 
 logger = logging.getLogger("fastboot.imagefs.daemon")
-
-
-@dataclass(frozen=True)
-class DaemonConfig:
-    """Everything one daemon needs; written by the mounting process."""
-
-    store: str
-    name: str
-    index: str
-    """Hex digest of the index to serve (checked when loaded)."""
-    mountpoint: str
-    remote: str | None
-    metrics_file: str
-    metrics_port: int = 0
-    """Serve /metrics on 127.0.0.1:PORT (0: textfile only)."""
-    ram_bytes: int = 64 * 1024 * 1024
-    threads: int = 8
-    readahead_chunks: int = READAHEAD_CHUNKS
-    prefetch: bool = True
-    prefetch_rate: int = 256 * 1024 * 1024
-    """Bytes per second the profile replay may use (0: no cap)."""
-    record: bool = True
-    """Record the first-access order and save it as the image's profile."""
-    read_ahead_kb: int = 4096
-    """Kernel readahead for the mount (the bdi default of 128 KiB makes small FUSE reads)."""
-    allow_other: bool = True
-    passthrough: bool = True
-    """Serve wholly local big files through FUSE passthrough where this host can."""
-    log_level: str = "INFO"
-    ready_fd: int = -1
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> DaemonConfig:
-        return cls(**json.loads(text))
 
 
 def _set_read_ahead(mountpoint: str, kb: int) -> None:
@@ -89,48 +62,19 @@ def _set_read_ahead(mountpoint: str, kb: int) -> None:
 
 
 def run(config: DaemonConfig) -> int:
-    import numpy as np
-    import pyfuse3
-    import trio
-
-    from fastboot.imagefs import passthrough, prefetch
-    from fastboot.imagefs.fs import ImageOperations
-    from fastboot.imagefs.metrics import Metrics
-    from fastboot.imagefs.remote import RemoteClient
-    from fastboot.imagefs.store import ImageStore
-    from fastboot.imagefs.tiers import Tiers
-
     started = time.monotonic()
     store = ImageStore(Path(config.store))
     index = store.load_index(config.index)
-    from prometheus_client import disable_created_metrics
-
-    disable_created_metrics()  # type: ignore[no-untyped-call]
-    metrics = Metrics()
-    metrics.image_bytes.set(index.total_bytes)
-    metrics.stored_bytes.set(index.stored_bytes)
-    if config.metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(config.metrics_port, addr="127.0.0.1", registry=metrics.registry)
+    metrics = _metrics(config, index)
     remote = RemoteClient(config.remote) if config.remote else None
     tiers = Tiers(store, remote, metrics, ram_bytes=config.ram_bytes, threads=config.threads)
     recorder = prefetch.Recorder() if config.record else None
     profile = (
         prefetch.load_profile(store.profile_path(config.index), index) if config.prefetch else None
     )
-    through = None
-    wanted = config.passthrough and passthrough.worth_it(index)
-    if wanted and passthrough.supported() and os.geteuid() == 0:
-        through = passthrough.Passthrough(
-            store, index, tiers, metrics, mountpoint=config.mountpoint
-        )
+    through = _passthrough(config, store, index, tiers, metrics)
     ops = ImageOperations(index, tiers, metrics, recorder, config.readahead_chunks, through)
-    options = set(pyfuse3.default_options)
-    options |= {f"fsname=fastboot:{config.name}", "subtype=fastboot", "ro"}
-    if config.allow_other and os.geteuid() == 0:
-        options.add("allow_other")
-    pyfuse3.init(ops, config.mountpoint, options)
+    pyfuse3.init(ops, config.mountpoint, _fuse_options(config))
     terminated = False
 
     def save() -> None:
@@ -175,13 +119,8 @@ def run(config: DaemonConfig) -> int:
                     time.monotonic() - started,
                     config.remote or "none",
                 )
-                rows = profile
-                if rows is not None and through is not None:
-                    # files kept whole are read from local disk: nothing of them to fetch
-                    kept = await trio.to_thread.run_sync(through.kept_entries)
-                    rows = rows[~np.isin(rows["entry"], kept)]
-                if rows is not None and len(rows):
-                    await prefetch.replay(index, rows, tiers, config.prefetch_rate)
+                if profile is not None:
+                    await _replay(profile, index, tiers, through, config.prefetch_rate)
 
             nursery.start_soon(on_signals)
             nursery.start_soon(every_second)
@@ -203,14 +142,60 @@ def run(config: DaemonConfig) -> int:
     return 0
 
 
+def _metrics(config: DaemonConfig, index: ImageIndex) -> Metrics:
+    """This daemon's metrics, with the image's sizes set; served on `metrics_port` if set."""
+    disable_created_metrics()  # type: ignore[no-untyped-call]
+    metrics = Metrics()
+    metrics.image_bytes.set(index.total_bytes)
+    metrics.stored_bytes.set(index.stored_bytes)
+    if config.metrics_port:
+        start_http_server(config.metrics_port, addr="127.0.0.1", registry=metrics.registry)
+    return metrics
+
+
+def _passthrough(
+    config: DaemonConfig, store: ImageStore, index: ImageIndex, tiers: Tiers, metrics: Metrics
+) -> passthrough.Passthrough | None:
+    """The mount's passthrough, or None where it is off, not worth it for this image, or not
+    possible here (a pyfuse3 without the patch; not root, so no CAP_SYS_ADMIN)."""
+    wanted = config.passthrough and passthrough.worth_it(index)
+    if not (wanted and passthrough.supported() and os.geteuid() == 0):
+        return None
+    return passthrough.Passthrough(store, index, tiers, metrics, mountpoint=config.mountpoint)
+
+
+def _fuse_options(config: DaemonConfig) -> set[str]:
+    """pyfuse3's mount options: read-only, named after the image; other users may read it
+    only when root mounts it (allow_other needs user_allow_other in fuse.conf otherwise)."""
+    options = set(pyfuse3.default_options)
+    options |= {f"fsname=fastboot:{config.name}", "subtype=fastboot", "ro"}
+    if config.allow_other and os.geteuid() == 0:
+        options.add("allow_other")
+    return options
+
+
+async def _replay(
+    rows: np.ndarray[Any, Any],
+    index: ImageIndex,
+    tiers: Tiers,
+    through: passthrough.Passthrough | None,
+    rate: int,
+) -> None:
+    """Replay the prefetch profile, less the files kept whole (read from local disk: nothing of
+    them to fetch)."""
+    if through is not None:
+        kept = await trio.to_thread.run_sync(through.kept_entries)
+        rows = rows[~np.isin(rows["entry"], kept)]
+    if len(rows):
+        await prefetch.replay(index, rows, tiers, rate)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m fastboot.imagefs.daemon CONFIG_JSON", file=sys.stderr)
         return 2
     config = DaemonConfig.from_json(args[0])
-    from fastboot import logs
-
     logs.configure(config.log_level)
     try:
         return run(config)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import select
@@ -27,8 +28,8 @@ from pathlib import Path
 
 from fastboot import envs
 from fastboot.errors import DependencyError, MountError
-from fastboot.imagefs.daemon import READAHEAD_CHUNKS, DaemonConfig
-from fastboot.imagefs.store import ImageStore, MountRecord, pid_alive
+from fastboot.imagefs.config import DaemonConfig, Tuning
+from fastboot.imagefs.store import ImageRef, ImageStore, MountRecord, digest_of, pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -39,30 +40,13 @@ BUSY_RETRY_S = 2.0
 
 
 @dataclass(frozen=True)
-class MountOptions:
-    """How a mount behaves (the daemon's knobs; defaults suit a Python env or model weights)."""
+class MountOptions(Tuning):
+    """How a mount behaves: where missing chunks come from, how long to wait for the daemon,
+    and the daemon's knobs (`Tuning`, imagefs/config.py)."""
 
     remote: str | None = None
     """Base URL to read missing chunks from (default: the one the image was pulled from)."""
-    metrics_port: int = 0
-    """Serve Prometheus metrics on 127.0.0.1:PORT (0: only the textfile in the store)."""
-    ram_bytes: int = 64 * 1024 * 1024
-    """Verified chunks kept in the daemon (the kernel's page cache keeps what readers read; this
-    holds chunks in flight and partly read ones). Every byte of it is a buffer a cold read
-    touches fresh, which is dear on VMs (fastboot/imagefs/buffers.py): 64 MiB read a cold 1 GiB
-    file at least as fast as 256 MiB here."""
-    threads: int = 8
-    readahead_chunks: int = READAHEAD_CHUNKS
-    prefetch: bool = True
-    prefetch_rate: int = 256 * 1024 * 1024
-    record: bool = True
-    read_ahead_kb: int = 1024
-    """Kernel readahead of the mount (bigger: fewer, larger reads of big files; smaller: fewer
-    bytes fetched around each page fault of a mapped file, e.g. a shared library)."""
     ready_timeout_s: float = 30.0
-    passthrough: bool = True
-    """Big files read whole are kept as local files that the kernel reads directly (FUSE
-    passthrough: warm reads at local-disk speed); off, the daemon serves every read."""
 
 
 def reap() -> None:
@@ -73,8 +57,6 @@ def reap() -> None:
 
 
 def mount_id(mountpoint: str) -> str:
-    from fastboot.imagefs.store import digest_of
-
     return digest_of(os.fsencode(mountpoint)).hex()[:16]
 
 
@@ -128,39 +110,10 @@ def mount(
     store = (store or ImageStore(envs.image_store())).ensure()
     options = options or MountOptions()
     point = os.path.abspath(mountpoint)
-    state = probe(point)
-    if state == "dead":
-        logger.info("%s was left mounted by a dead image daemon; unmounting it lazily", point)
-        _lazy_unmount(point)
-        _forget_records(store, point)
-        state = probe(point)
-    if state == "missing":
-        raise MountError(f"mountpoint {point} is not a directory; create it (mkdir -p {point})")
-    if state == "mounted":
-        owner = next((m for m in store.mounts() if m.mountpoint == point), None)
-        who = f" (image {owner.name}, daemon pid {owner.pid})" if owner else ""
-        raise MountError(
-            f"mountpoint {point} is busy: something is already mounted there{who}; "
-            f"unmount it first (`fastboot image umount {point}`)"
-        )
-    if state == "busy":
-        raise MountError(
-            f"mountpoint {point} is busy: the directory is not empty, and mounting would hide "
-            "its files; use an empty directory"
-        )
+    _make_free(store, point)
     ref = store.read_ref(name)
-    index = store.load_index(ref.index)  # malformed or truncated: a clear error, before a daemon
     remote = options.remote or ref.remote or envs.image_remote()
-    if remote is None:
-        missing = [p for p in index.pack_names() if not store.has_pack(p)]
-        if missing:
-            logger.warning(
-                "image %s has %d packs that are not local and no remote is set: reads of "
-                "chunks not in the cache will fail (give --remote URL)",
-                name,
-                len(missing),
-            )
-    del index
+    _check_index(store, name, ref, remote)
     record_id = mount_id(point)
     log_path = store.mounts_dir / f"{record_id}.log"
     metrics_path = store.mounts_dir / f"{record_id}.prom"
@@ -172,32 +125,11 @@ def mount(
         mountpoint=point,
         remote=remote,
         metrics_file=str(metrics_path),
-        metrics_port=options.metrics_port,
-        ram_bytes=options.ram_bytes,
-        threads=options.threads,
-        readahead_chunks=options.readahead_chunks,
-        prefetch=options.prefetch,
-        prefetch_rate=options.prefetch_rate,
-        record=options.record,
-        read_ahead_kb=options.read_ahead_kb,
-        passthrough=options.passthrough,
         log_level=envs.log_level(),
         ready_fd=write_fd,
+        **options.tuning(),
     )
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "fastboot.imagefs.daemon", config.to_json()],
-            stdin=subprocess.DEVNULL,
-            stdout=log_fd,
-            stderr=log_fd,
-            pass_fds=(write_fd,),
-            start_new_session=True,
-        )
-    finally:
-        os.close(log_fd)
-        os.close(write_fd)
-    _children[proc.pid] = proc
+    proc = _start_daemon(config, log_path)
     try:
         answer = _wait_ready(read_fd, proc, options.ready_timeout_s)
     finally:
@@ -219,10 +151,68 @@ def mount(
         metrics_file=str(metrics_path),
         metrics_port=options.metrics_port,
     )
-    import json
-
     store.write_atomic(store.mounts_dir / f"{record_id}.json", json.dumps(asdict(record)).encode())
     return record
+
+
+def _make_free(store: ImageStore, point: str) -> None:
+    """Clear a mount a dead daemon left at point; MountError unless point is then an empty
+    directory with nothing mounted on it."""
+    state = probe(point)
+    if state == "dead":
+        logger.info("%s was left mounted by a dead image daemon; unmounting it lazily", point)
+        _lazy_unmount(point)
+        _forget_records(store, point)
+        state = probe(point)
+    if state == "missing":
+        raise MountError(f"mountpoint {point} is not a directory; create it (mkdir -p {point})")
+    if state == "mounted":
+        owner = next((m for m in store.mounts() if m.mountpoint == point), None)
+        who = f" (image {owner.name}, daemon pid {owner.pid})" if owner else ""
+        raise MountError(
+            f"mountpoint {point} is busy: something is already mounted there{who}; "
+            f"unmount it first (`fastboot image umount {point}`)"
+        )
+    if state == "busy":
+        raise MountError(
+            f"mountpoint {point} is busy: the directory is not empty, and mounting would hide "
+            "its files; use an empty directory"
+        )
+
+
+def _check_index(store: ImageStore, name: str, ref: ImageRef, remote: str | None) -> None:
+    """Load the image's index here, so a malformed or truncated one is a clear error before a
+    daemon starts; warn when chunks of packs that are not local can be read from nowhere."""
+    index = store.load_index(ref.index)
+    if remote is None:
+        missing = [p for p in index.pack_names() if not store.has_pack(p)]
+        if missing:
+            logger.warning(
+                "image %s has %d packs that are not local and no remote is set: reads of "
+                "chunks not in the cache will fail (give --remote URL)",
+                name,
+                len(missing),
+            )
+
+
+def _start_daemon(config: DaemonConfig, log_path: Path) -> subprocess.Popen[bytes]:
+    """Start the daemon in its own session, its output on log_path, the pipe's write end
+    (`config.ready_fd`) passed to it and closed here."""
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fastboot.imagefs.daemon", config.to_json()],
+            stdin=subprocess.DEVNULL,
+            stdout=log_fd,
+            stderr=log_fd,
+            pass_fds=(config.ready_fd,),
+            start_new_session=True,
+        )
+    finally:
+        os.close(log_fd)
+        os.close(config.ready_fd)
+    _children[proc.pid] = proc
+    return proc
 
 
 def _wait_ready(fd: int, proc: subprocess.Popen[bytes], timeout: float) -> bytes | None:
