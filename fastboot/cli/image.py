@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastboot import envs
 from fastboot.cli.sizes import parse_size
 from fastboot.errors import UsageError
+
+if TYPE_CHECKING:
+    from fastboot.imagefs.store import ImageStore
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -112,102 +117,149 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # numpy (the store reads indexes): `fastboot image --help` and usage errors never load it
     from fastboot.imagefs.store import ImageStore
 
     store = ImageStore(args.store or envs.image_store())
-    action = args.action
-    if action == "build":
-        from fastboot.imagefs.build import build
+    return _ACTIONS[args.action](store, args)
 
-        started = time.monotonic()
-        ref = build(
-            store,
-            args.source,
-            args.name,
-            chunk_size=args.chunk_size,
-            progress=False if args.no_progress else None,
-        )
-        print(
-            f"built {ref.name} ({ref.index[:12]}): {ref.files} files, "
-            f"{ref.total_bytes / 1e6:.1f} MB, {ref.stored_bytes / 1e6:.1f} MB distinct, "
-            f"in {time.monotonic() - started:.1f} s"
-        )
-    elif action == "mount":
-        from fastboot.imagefs.mount import MountOptions, mount
 
-        record = mount(
-            args.name,
-            args.mountpoint,
-            store,
-            MountOptions(
-                remote=args.remote,
-                metrics_port=args.metrics_port,
-                ram_bytes=args.ram,
-                prefetch=not args.no_prefetch,
-                prefetch_rate=args.prefetch_rate,
-                record=not args.no_record,
-                passthrough=not args.no_passthrough,
-            ),
-        )
-        print(
-            f"mounted {record.name} on {record.mountpoint} (daemon pid {record.pid}, "
-            f"log {record.log})"
-        )
-    elif action == "umount":
-        from fastboot.imagefs.mount import umount
+def _build(store: ImageStore, args: argparse.Namespace) -> int:
+    # numpy, like the store: loaded by run, never by `fastboot image --help`
+    from fastboot.imagefs.build import build
 
-        umount(args.mountpoint, store, lazy=args.lazy)
-        print(f"unmounted {args.mountpoint}")
-    elif action == "ls":
-        store.ensure()
-        for ref in store.list_refs():
-            origin = f"  remote {ref.remote}" if ref.remote else ""
-            print(
-                f"{ref.name:24} {ref.index[:12]}  {ref.files:7d} files  "
-                f"{ref.total_bytes / 1e9:7.2f} GB{origin}"
-            )
-        for m in store.mounts():
-            print(f"mounted {m.name} on {m.mountpoint} (pid {m.pid}, metrics {m.metrics_file})")
-    elif action == "verify":
-        from fastboot.imagefs.sync import verify
-
-        checked = verify(store, args.name)
-        print(
-            f"{args.name}: {checked.verified} of {checked.chunks} chunks verified "
-            f"({checked.bytes / 1e6:.1f} MB), {checked.corrupt} corrupt, "
-            f"{checked.not_local} only on the remote"
-        )
-        return 1 if checked.corrupt else 0
-    elif action == "gc":
-        removed = store.gc(cache_high=args.cache_max)
-        print(" ".join(f"{k}={v}" for k, v in removed.items()))
-    elif action == "push":
-        dest = args.to or (Path(d) if (d := envs.image_push_dir()) else None)
-        if dest is None:
-            raise UsageError("push needs a destination: --to DIR (or FASTBOOT_IMAGE_PUSH_DIR)")
-        copied = store.push(args.name, dest)
-        print(
-            f"pushed {args.name} to {dest}: {copied['packs']} new packs, "
-            f"{copied['bytes'] / 1e6:.1f} MB"
-        )
-    elif action == "pull":
-        from fastboot.imagefs.sync import pull
-
-        remote = args.remote or envs.image_remote()
-        if remote is None:
-            raise UsageError("pull needs a remote: --remote URL (or FASTBOOT_IMAGE_REMOTE)")
-        ref = pull(store, args.name, remote, everything=args.all)
-        print(
-            f"pulled {ref.name} ({ref.index[:12]}) from {remote}"
-            + (" with every chunk" if args.all else " (chunks are fetched on use)")
-        )
-    elif action == "unpack-snapshot":
-        from fastboot.imagefs.snapshots import unpack_snapshot
-
-        done = unpack_snapshot(args.name, args.snapshot_dir, store, remote=args.remote)
-        what = f"{done.bytes / 1e9:.2f} GB in {done.seconds:.1f} s" if done.bytes else "already"
-        print(f"snapshot {done.manifest.id} in {done.path.parent} ({what})")
-    elif action == "rm":
-        store.remove_ref(args.name)
-        print(f"removed {args.name} (run `fastboot image gc` to free its bytes)")
+    started = time.monotonic()
+    ref = build(
+        store,
+        args.source,
+        args.name,
+        chunk_size=args.chunk_size,
+        progress=False if args.no_progress else None,
+    )
+    print(
+        f"built {ref.name} ({ref.index[:12]}): {ref.files} files, "
+        f"{ref.total_bytes / 1e6:.1f} MB, {ref.stored_bytes / 1e6:.1f} MB distinct, "
+        f"in {time.monotonic() - started:.1f} s"
+    )
     return 0
+
+
+def _mount(store: ImageStore, args: argparse.Namespace) -> int:
+    # numpy, like the store: loaded by run, never by `fastboot image --help`
+    from fastboot.imagefs.mount import MountOptions, mount
+
+    record = mount(
+        args.name,
+        args.mountpoint,
+        store,
+        MountOptions(
+            remote=args.remote,
+            metrics_port=args.metrics_port,
+            ram_bytes=args.ram,
+            prefetch=not args.no_prefetch,
+            prefetch_rate=args.prefetch_rate,
+            record=not args.no_record,
+            passthrough=not args.no_passthrough,
+        ),
+    )
+    print(
+        f"mounted {record.name} on {record.mountpoint} (daemon pid {record.pid}, log {record.log})"
+    )
+    return 0
+
+
+def _umount(store: ImageStore, args: argparse.Namespace) -> int:
+    # numpy, like the store: loaded by run, never by `fastboot image --help`
+    from fastboot.imagefs.mount import umount
+
+    umount(args.mountpoint, store, lazy=args.lazy)
+    print(f"unmounted {args.mountpoint}")
+    return 0
+
+
+def _ls(store: ImageStore, args: argparse.Namespace) -> int:
+    store.ensure()
+    for ref in store.list_refs():
+        origin = f"  remote {ref.remote}" if ref.remote else ""
+        print(
+            f"{ref.name:24} {ref.index[:12]}  {ref.files:7d} files  "
+            f"{ref.total_bytes / 1e9:7.2f} GB{origin}"
+        )
+    for m in store.mounts():
+        print(f"mounted {m.name} on {m.mountpoint} (pid {m.pid}, metrics {m.metrics_file})")
+    return 0
+
+
+def _verify(store: ImageStore, args: argparse.Namespace) -> int:
+    # trio and prometheus_client (sync -> prefetch, tiers, metrics): only verify and pull
+    from fastboot.imagefs.sync import verify
+
+    checked = verify(store, args.name)
+    print(
+        f"{args.name}: {checked.verified} of {checked.chunks} chunks verified "
+        f"({checked.bytes / 1e6:.1f} MB), {checked.corrupt} corrupt, "
+        f"{checked.not_local} only on the remote"
+    )
+    return 1 if checked.corrupt else 0
+
+
+def _gc(store: ImageStore, args: argparse.Namespace) -> int:
+    removed = store.gc(cache_high=args.cache_max)
+    print(" ".join(f"{k}={v}" for k, v in removed.items()))
+    return 0
+
+
+def _push(store: ImageStore, args: argparse.Namespace) -> int:
+    dest = args.to or (Path(d) if (d := envs.image_push_dir()) else None)
+    if dest is None:
+        raise UsageError("push needs a destination: --to DIR (or FASTBOOT_IMAGE_PUSH_DIR)")
+    copied = store.push(args.name, dest)
+    print(
+        f"pushed {args.name} to {dest}: {copied['packs']} new packs, {copied['bytes'] / 1e6:.1f} MB"
+    )
+    return 0
+
+
+def _pull(store: ImageStore, args: argparse.Namespace) -> int:
+    # trio and prometheus_client (sync -> prefetch, tiers, metrics): only verify and pull
+    from fastboot.imagefs.sync import pull
+
+    remote = args.remote or envs.image_remote()
+    if remote is None:
+        raise UsageError("pull needs a remote: --remote URL (or FASTBOOT_IMAGE_REMOTE)")
+    ref = pull(store, args.name, remote, everything=args.all)
+    print(
+        f"pulled {ref.name} ({ref.index[:12]}) from {remote}"
+        + (" with every chunk" if args.all else " (chunks are fetched on use)")
+    )
+    return 0
+
+
+def _unpack_snapshot(store: ImageStore, args: argparse.Namespace) -> int:
+    # trio and prometheus_client (snapshots -> sync): only this action
+    from fastboot.imagefs.snapshots import unpack_snapshot
+
+    done = unpack_snapshot(args.name, args.snapshot_dir, store, remote=args.remote)
+    what = f"{done.bytes / 1e9:.2f} GB in {done.seconds:.1f} s" if done.bytes else "already"
+    print(f"snapshot {done.manifest.id} in {done.path.parent} ({what})")
+    return 0
+
+
+def _rm(store: ImageStore, args: argparse.Namespace) -> int:
+    store.remove_ref(args.name)
+    print(f"removed {args.name} (run `fastboot image gc` to free its bytes)")
+    return 0
+
+
+_ACTIONS: dict[str, Callable[[ImageStore, argparse.Namespace], int]] = {
+    "build": _build,
+    "mount": _mount,
+    "umount": _umount,
+    "ls": _ls,
+    "verify": _verify,
+    "gc": _gc,
+    "push": _push,
+    "pull": _pull,
+    "unpack-snapshot": _unpack_snapshot,
+    "rm": _rm,
+}

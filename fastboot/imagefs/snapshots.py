@@ -36,6 +36,7 @@ from fastboot import envs
 from fastboot.errors import ImageFSError
 from fastboot.imagefs.mount import MountOptions, mounted
 from fastboot.imagefs.store import ImageStore
+from fastboot.imagefs.sync import pull
 from fastboot.snapshot.digests import DIGEST_CACHE, DigestCache
 from fastboot.snapshot.store import MANIFEST, Manifest, SnapshotInvalid, Store
 
@@ -70,8 +71,6 @@ def unpack_snapshot(
     store = (store or ImageStore(envs.image_store())).ensure()
     snapshots = Store(snapshot_dir or envs.snapshot_dir())
     if remote is not None:
-        from fastboot.imagefs.sync import pull
-
         pull(store, name, remote)
     # read once to copy: nothing to keep whole for passthrough
     options = options or MountOptions(
