@@ -327,6 +327,9 @@ def test_criu_problems_fall_back_to_a_cold_boot(
 
 def test_busy_port_is_reported_before_anything_starts(setup: Setup) -> None:
     with socket.socket() as busy:
+        # The earlier tests' connections may leave the port in TIME_WAIT; a listener is
+        # still refused with SO_REUSEADDR, which is what fastboot's own check sets too.
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         busy.bind(("127.0.0.1", setup.port))
         busy.listen()
         run = setup.run("busy-port")
