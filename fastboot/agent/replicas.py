@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import os
 import secrets
@@ -223,10 +224,12 @@ class ReplicaManager:
             self.digests.save()
 
     def _host(self, engine: engines.Engine) -> Fingerprint:
-        """This host's fingerprint for snapshots of engine (asked once per engine)."""
-        if engine.NAME not in self._hosts:
-            self._hosts[engine.NAME] = sequence.host_fingerprint(engine, engine.version())
-        return self._hosts[engine.NAME]
+        """This host's fingerprint for snapshots of engine (asked once per engine and
+        options: a command engine's version comes from its own version command)."""
+        which = json.dumps([engine.NAME, engine.options()], sort_keys=True)
+        if which not in self._hosts:
+            self._hosts[which] = sequence.host_fingerprint(engine, engine.version())
+        return self._hosts[which]
 
     async def _restore_task(self, replica: Replica, manifest: Manifest) -> None:
         try:
@@ -329,7 +332,9 @@ class ReplicaManager:
 
 def _engine(manifest: Manifest) -> engines.Engine:
     """The adapter of the engine a snapshot was taken of."""
-    return engines.get(str(manifest.key.get("engine", engines.DEFAULT)))
+    return engines.get(
+        str(manifest.key.get("engine", engines.DEFAULT)), manifest.key.get("engine_options")
+    )
 
 
 def processes_in(netns_path: Path) -> list[int]:

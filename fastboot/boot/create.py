@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fastboot import engines
 from fastboot.boot import sequence
@@ -42,6 +43,8 @@ class CreateConfig:
     """The port the engine listens on inside its namespace (every replica: the same)."""
     hooks: str | None = None
     engine: str = engines.DEFAULT
+    engine_options: dict[str, Any] = field(default_factory=dict)
+    """The adapter's options (fastboot.engines.get)."""
     ready_timeout_s: float = 900.0
     restore_timeout_s: float = sequence.RESTORE_TIMEOUT_S
 
@@ -57,9 +60,12 @@ def isolated_target(
         engine=spec.engine.NAME,
         engine_version=version,
         argv=spec.engine_argv,
-        model=model_identity(spec.model, digests),
+        model=model_identity(
+            spec.model, digests, spec.engine.key_paths(spec.model, spec.engine_argv)
+        ),
         env_prefixes=spec.engine.ENV_PREFIXES,
         layout=site.layout,
+        engine_options=spec.engine.options(),
     )
     return sequence.new_target(
         spec, site, store, key, sequence.host_fingerprint(spec.engine, version), digests
@@ -72,7 +78,7 @@ def create_snapshot(config: CreateConfig) -> Manifest:
     config.store.ensure()
     hooks.load(config.hooks)
     become_subreaper()  # the proving restore's engine is reparented to us when criu exits
-    engine = engines.get(config.engine)
+    engine = engines.get(config.engine, config.engine_options)
     # Two links per creating process: one for the engine, one for the proving restore.
     pid, tag = os.getpid(), os.getpid() % 8192
     links: list[netns.Link] = []

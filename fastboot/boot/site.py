@@ -120,8 +120,10 @@ class IsolatedSite:
         return Path("/dev/shm")
 
     def engine_argv(self, argv: list[str]) -> list[str]:
-        """fastboot's --host/--port go last, so one snapshot serves every replica."""
-        return [*argv, "--host", "0.0.0.0", "--port", str(self.port)]
+        """fastboot's --host/--port go last, so one snapshot serves every replica; last before
+        a `--`, where the flags after it are a server command's own (the command engine)."""
+        at = argv.index("--") if "--" in argv else len(argv)
+        return [*argv[:at], "--host", "0.0.0.0", "--port", str(self.port), *argv[at:]]
 
     def spawn(self, argv: list[str], env: dict[str, str]) -> EngineTree:
         return EngineTree.spawn(argv, env, self.sink, self.link.netns)

@@ -53,6 +53,8 @@ class SplitArgv:
     """fastboot flags that were given: name -> value (True for switches)."""
     engine_argv: list[str] = field(default_factory=list)
     """What the engine gets after MODEL, verbatim and in order (without a bare `--`)."""
+    separator: int | None = None
+    """Where in engine_argv the tokens after a bare `--` begin (None: there was none)."""
 
     def engine_value(self, flag: str) -> str | None:
         """The last value given to an engine flag (`--port 8001` or `--port=8001`), else None."""
@@ -73,8 +75,11 @@ class SplitArgv:
             raise UsageError(f"--port must be a number, got {value!r}") from exc
 
 
-def split_serve_argv(argv: Sequence[str], specs: Sequence[FlagSpec]) -> SplitArgv:
-    """Split argv as described in the module docstring. Raises UsageError with the fix."""
+def split_serve_argv(
+    argv: Sequence[str], specs: Sequence[FlagSpec], model_required: bool = True
+) -> SplitArgv:
+    """Split argv as described in the module docstring. Raises UsageError with the fix.
+    model_required False: no MODEL is model "" (the caller decides; see missing_model)."""
     by_name = {spec.name: spec for spec in specs}
     tokens = list(argv)
     model: str | None = None
@@ -82,10 +87,12 @@ def split_serve_argv(argv: Sequence[str], specs: Sequence[FlagSpec]) -> SplitArg
         model = tokens.pop(0)
     fastboot: dict[str, str | bool] = {}
     engine: list[str] = []
+    separator = None
     i = 0
     while i < len(tokens):
         token = tokens[i]
         if token == "--":
+            separator = len(engine)
             engine.extend(tokens[i + 1 :])
             break
         if not _is_fastboot_flag(token):
@@ -112,14 +119,19 @@ def split_serve_argv(argv: Sequence[str], specs: Sequence[FlagSpec]) -> SplitArg
         i += 1
     if model is None:
         model = _last_value(engine, "--model") or _config_value(engine, "model")
-    if model is None:
-        first = argv[0] if argv else None
-        hint = f" (got {first!r} first)" if first else ""
-        raise UsageError(
-            f"MODEL must be the first argument{hint}: "
-            "fastboot serve MODEL [engine flags] [--fastboot-... flags]"
-        )
-    return SplitArgv(model=model, fastboot=fastboot, engine_argv=engine)
+    if model is None and model_required:
+        raise missing_model(argv)
+    return SplitArgv(model=model or "", fastboot=fastboot, engine_argv=engine, separator=separator)
+
+
+def missing_model(argv: Sequence[str]) -> UsageError:
+    """The error for a command line without MODEL."""
+    first = argv[0] if argv else None
+    hint = f" (got {first!r} first)" if first else ""
+    return UsageError(
+        f"MODEL must be the first argument{hint}: "
+        "fastboot serve MODEL [engine flags] [--fastboot-... flags]"
+    )
 
 
 def _is_fastboot_flag(token: str) -> bool:

@@ -1,7 +1,9 @@
-"""`fastboot model tiny --out DIR [--size tiny|1gib] [--force]`: write a local test model.
+"""`fastboot model tiny --out DIR [--size tiny|1gib] [--format safetensors|gguf] [--force]`.
 
 The model is a random-weight Llama that transformers and vLLM load like a downloaded checkpoint;
-see `fastboot.models.tiny` for what it contains and why its bytes are reproducible.
+see `fastboot.models.tiny` for what it contains and why its bytes are reproducible. With
+`--format gguf`, DIR also gets `model.gguf`, the same weights for llama.cpp
+(`fastboot.models.gguf_export`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="tiny: hidden 256, 4 layers, about 10 MB; 1gib: hidden 2048, 11 layers, about 1 GiB.",
     )
     sub.add_argument(
+        "--format",
+        choices=["safetensors", "gguf"],
+        default="safetensors",
+        help="gguf: also write DIR/model.gguf (f32, for llama.cpp; needs the `gguf` package).",
+    )
+    sub.add_argument(
         "--force", action="store_true", help="Replace DIR's contents if it is not empty."
     )
 
@@ -39,4 +47,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"files: {summary.files}")
     print(f"bytes: {summary.total_bytes}")
     print(f"weights sha256: {summary.weights_sha256}")
+    if args.format == "gguf":
+        from fastboot.models.gguf_export import GGUF_FILE, write_gguf  # imports gguf
+
+        print(f"gguf: {write_gguf(out, out / GGUF_FILE)}")
     return 0

@@ -5,17 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fastboot import engines
-from fastboot.cli.engine_argv import FlagSpec, split_serve_argv
+from fastboot.cli import engine_choice
+from fastboot.cli.engine_argv import FlagSpec
 from fastboot.serve import ServeConfig, serve
 
 FLAGS = [
-    FlagSpec(
-        "engine",
-        "the engine: vllm (default) or sglang; the flags stay vLLM's, translated for SGLang "
-        "(`--engine NAME` is read as this flag: vLLM has no --engine)",
-        True,
-    ),
+    *engine_choice.FLAGS,
     FlagSpec("snapshot-dir", "where snapshots live (default $FASTBOOT_HOME/snapshots)", True),
     FlagSpec("no-snapshot", "plain cold boot: read and write no snapshot"),
     FlagSpec("refresh", "ignore an existing snapshot and make a new one"),
@@ -43,7 +38,11 @@ FLAGS = [
 ]
 
 PASSTHROUGH = True
-USAGE = "fastboot serve MODEL [vllm serve flags] [--fastboot-FLAG ...] [-- engine flags]"
+USAGE = (
+    "fastboot serve MODEL [vllm serve flags] [--fastboot-FLAG ...] [-- engine flags]\n"
+    "       fastboot serve [MODEL] --fastboot-engine command [--host H] [--port P] "
+    "[--fastboot-FLAG ...] -- SERVER ARG...  ({host} {port} {model} in ARG filled in)"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "fastboot flags:\n"
         + "\n".join(f"  {f.flag}{' VALUE' if f.takes_value else ''}\n      {f.help}" for f in FLAGS)
-        + "\n\nEverything else is passed to `vllm serve` verbatim, in order."
+        + "\n\nEverything else is passed to `vllm serve` verbatim, in order (with "
+        "--fastboot-engine command: the server command after `--` is run as given)."
     )
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("argv", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -70,14 +70,15 @@ def engine_alias(argv: list[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    split = split_serve_argv(engine_alias(args.argv), FLAGS)
+    split, engine = engine_choice.choose_engine(engine_alias(args.argv), FLAGS)
     snapshot_dir = split.fastboot.get("snapshot-dir")
     config = ServeConfig(
-        model=split.model,
-        engine_argv=split.engine_argv,
-        engine=str(split.fastboot.get("engine", engines.DEFAULT)),
-        host=split.host,
-        port=split.port,
+        model=engine.model,
+        engine_argv=engine.engine_argv,
+        engine=engine.name,
+        engine_options=engine.options,
+        host=engine.host,
+        port=engine.port,
         snapshot_dir=Path(str(snapshot_dir)) if snapshot_dir else None,
         snapshot=not split.fastboot.get("no-snapshot"),
         refresh=bool(split.fastboot.get("refresh")),

@@ -1,4 +1,8 @@
-"""`fastboot snapshot create MODEL [vllm serve flags] | ls | inspect ID | verify ID | rm ID`."""
+"""`fastboot snapshot create MODEL [vllm serve flags] | ls | inspect ID | verify ID | rm ID`.
+
+`create` takes `fastboot serve`'s engine flags (fastboot.cli.engine_choice): a command engine's
+snapshot is made the same way, `fastboot snapshot create --fastboot-engine command -- SERVER ...`.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,10 @@ import json
 import time
 from pathlib import Path
 
-from fastboot import envs
+from fastboot import engines, envs
 from fastboot.boot.create import CreateConfig, create_snapshot
-from fastboot.cli.engine_argv import FlagSpec, split_serve_argv
+from fastboot.cli import engine_choice
+from fastboot.cli.engine_argv import FlagSpec
 from fastboot.errors import UsageError
 from fastboot.snapshot.store import Manifest, SnapshotInvalid, Store
 
@@ -52,6 +57,7 @@ def _row(m: Manifest) -> str:
 
 
 CREATE_FLAGS = [
+    *engine_choice.FLAGS,
     FlagSpec(
         "hooks", "module with quiesce(url)/resume(url) run around the dump/after restore", True
     ),
@@ -59,17 +65,23 @@ CREATE_FLAGS = [
 
 
 def _create(store: Store, argv: list[str]) -> int:
-    split = split_serve_argv(argv, CREATE_FLAGS)
-    if split.host not in (None, "0.0.0.0"):
+    split, engine = engine_choice.choose_engine(argv, CREATE_FLAGS)
+    if engine.host not in (None, "0.0.0.0"):
         raise UsageError(
             "an isolated engine listens on 0.0.0.0 inside its own network namespace; drop --host"
         )
+    if engine.name not in engines.ISOLATED:
+        raise UsageError(
+            f"`fastboot snapshot create` runs {' and '.join(engines.ISOLATED)}, not {engine.name}"
+        )
     config = CreateConfig(
-        model=split.model,
-        engine_argv=list(split.engine_argv),
+        model=engine.model,
+        engine_argv=list(engine.engine_argv),
         store=store,
-        port=split.port or 8000,
+        port=engine.port or 8000,
         hooks=str(split.fastboot["hooks"]) if "hooks" in split.fastboot else None,
+        engine=engine.name,
+        engine_options=engine.options,
     )
     manifest = create_snapshot(config)
     print(manifest.id)

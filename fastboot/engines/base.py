@@ -43,6 +43,16 @@ class Engine(Protocol):
     INSTALL_HINT: str
     """What to install when the engine is missing."""
 
+    def options(self) -> dict[str, Any]:
+        """What the snapshot key records to build this adapter again ({} for an adapter with
+        nothing to configure; see fastboot.engines.get)."""
+        ...
+
+    def key_paths(self, model: str, engine_argv: list[str]) -> list[str]:
+        """Local files and directories besides MODEL that the engine's flags name and whose
+        content the snapshot depends on (keyed by content); [] where MODEL says it all."""
+        ...
+
     def version(self, site_packages: list[str] | None = None) -> str:
         """The installed engine's version (this environment's, or the one in site_packages);
         DependencyError naming INSTALL_HINT if there is none."""

@@ -139,6 +139,17 @@ def command(model: str, engine_argv: list[str], python: Path | None = None) -> l
     return [str(python or sys.executable), "-m", "sglang.launch_server", *translation.argv]
 
 
+def options() -> dict[str, Any]:
+    """Nothing to configure: the flags say it all."""
+    return {}
+
+
+def key_paths(model: str, engine_argv: list[str]) -> list[str]:
+    """None besides MODEL (keyed by its content)."""
+    del model, engine_argv
+    return []
+
+
 def version(site_packages: list[str] | None = None) -> str:
     """The installed SGLang's version (this environment's, or the one in site_packages);
     DependencyError with the install hint if none."""

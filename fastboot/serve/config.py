@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,9 @@ class ServeConfig:
     engine_argv: list[str]
     """Flags for the engine, verbatim (vLLM's; translated for SGLang)."""
     engine: str = engines.DEFAULT
-    """Which engine runs: "vllm" or "sglang" (fastboot.engines)."""
+    """Which engine runs: "vllm", "sglang" or "command" (fastboot.engines)."""
+    engine_options: dict[str, Any] = field(default_factory=dict)
+    """The adapter's options (fastboot.engines.get; the command engine's CommandOptions)."""
     host: str | None = None
     """--host as given to the engine (read only)."""
     port: int | None = None
@@ -76,7 +78,7 @@ class ServeConfig:
     def boot_spec(self, engine_argv: list[str]) -> sequence.BootSpec:
         """The boot sequence's view of this config, with the engine's flags as it runs them."""
         return sequence.BootSpec(
-            engine=engines.get(self.engine),
+            engine=engines.get(self.engine, self.engine_options),
             model=self.model,
             engine_argv=engine_argv,
             python=self.engine_python,

@@ -37,9 +37,13 @@ _LISTEN_FLAGS = ("--host", "--port")
 
 
 def strip_listen_flags(argv: list[str]) -> list[str]:
-    """argv without --host/--port (as `--port 8001` or `--port=8001`): the relay takes them."""
-    out, skip = [], False
-    for arg in argv:
+    """argv without --host/--port (as `--port 8001` or `--port=8001`): the relay takes them.
+    After a `--` everything stays (a server command's own flags: the command engine)."""
+    out: list[str] = []
+    skip = False
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return out + argv[i:]
         if skip:
             skip = False
         elif arg in _LISTEN_FLAGS:

@@ -20,11 +20,25 @@ from fastboot.snapshot.digests import DigestCache, file_digest
 from fastboot.snapshot.store import SnapshotId
 
 
-def model_identity(model: str, cache: DigestCache | None = None) -> dict[str, Any]:
+def model_identity(
+    model: str, cache: DigestCache | None = None, named: list[str] | None = None
+) -> dict[str, Any]:
     """A local model by the digest of its files (remembered in cache while they are
-    unchanged); a hub name as given."""
+    unchanged); a hub name as given. named: more paths the engine's flags name
+    (Engine.key_paths), keyed by content under "files" (absent when there are none, so the
+    ids of snapshots that name none stay as they were)."""
+    identity = _path_identity(model, cache)
+    if named:
+        identity["files"] = {path: _path_identity(path, cache) for path in named}
+    return identity
+
+
+def _path_identity(model: str, cache: DigestCache | None) -> dict[str, Any]:
     path = Path(model)
-    if not path.is_dir():
+    if path.is_file() and model not in ("", "."):
+        content = cache.digest(path) if cache else file_digest(path)
+        return {"path": str(path.resolve()), "content": content}
+    if not path.is_dir() or model == "":
         return {"name": model}
     digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
@@ -42,14 +56,16 @@ def snapshot_key(
     env_prefixes: tuple[str, ...],
     environment: dict[str, Any] | None = None,
     layout: str | None = None,
+    engine_options: dict[str, Any] | None = None,
     environ: Mapping[str, str] = os.environ,
 ) -> tuple[SnapshotId, dict[str, Any]]:
     """The snapshot's id and the key parts it is the digest of.
 
     argv: the engine's flags as it runs them; model: model_identity() or an image's identity;
     env_prefixes: the adapter's (variables of environ with them are keyed); environment: the
-    env image the engine runs from; layout: None (host) or "isolated". The last two appear in
-    the key only when set, so snapshots made without them keep their ids."""
+    env image the engine runs from; layout: None (host) or "isolated"; engine_options: what
+    builds the adapter again (Engine.options). The last three appear in the key only when
+    set, so snapshots made without them keep their ids."""
     key: dict[str, Any] = {
         "engine": engine,
         "engine_version": engine_version,
@@ -62,6 +78,8 @@ def snapshot_key(
         key["environment"] = environment
     if layout is not None:
         key["layout"] = layout
+    if engine_options:
+        key["engine_options"] = engine_options
     return key_id(key), key
 
 

@@ -60,6 +60,12 @@ class FakeEngine:
     HAS_PLUGIN: bool = False
     INSTALL_HINT: str = "pip install fake"
 
+    def options(self) -> dict[str, Any]:
+        return {}
+
+    def key_paths(self, model: str, engine_argv: list[str]) -> list[str]:
+        return []
+
     def version(self, site_packages: list[str] | None = None) -> str:
         return "1.0"
 

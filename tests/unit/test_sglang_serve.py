@@ -113,7 +113,7 @@ def test_engine_choice_and_its_errors(tmp_path: Path) -> None:
         engines.get("tgi")
     with pytest.raises(UsageError, match="unknown engine"):
         serve(ServeConfig(model="m", engine_argv=[], engine="tgi"))
-    with pytest.raises(UsageError, match="--fastboot-isolated runs vLLM only"):
+    with pytest.raises(UsageError, match="--fastboot-isolated runs vllm and command, not sglang"):
         serve(ServeConfig(model="m", engine_argv=[], engine="sglang", isolated=True))
     assert sglang.command("m", [], tmp_path / "python")[:3] == [
         str(tmp_path / "python"), "-m", "sglang.launch_server",
