@@ -63,12 +63,19 @@ def cpu_seconds(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def create_snapshot(model: Path, snapshots: Path, log: Path, timeout_s: float = 900) -> str:
-    """`fastboot snapshot create` of model into snapshots; returns the snapshot id."""
-    argv = [sys.executable, "-m", "fastboot", "snapshot", "--dir", str(snapshots), "create"]
+def create_snapshot(
+    model: Path,
+    snapshots: Path,
+    log: Path,
+    timeout_s: float = 900,
+    argv: Sequence[str] | None = None,
+) -> str:
+    """`fastboot snapshot create` of model (or of argv, create's whole command line) into
+    snapshots; returns the snapshot id."""
+    command = [sys.executable, "-m", "fastboot", "snapshot", "--dir", str(snapshots), "create"]
     with log.open("wb") as out:
         result = subprocess.run(
-            [*argv, str(model), *isolated_flags()],
+            [*command, *(argv if argv is not None else [str(model), *isolated_flags()])],
             stdout=subprocess.PIPE,
             stderr=out,
             timeout=timeout_s,

@@ -22,7 +22,15 @@ class Stop(BaseException):
     """SIGINT/SIGTERM arrived: stop the engine and exit."""
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def raise_stop(signum: int, frame: FrameType | None) -> None:
+    """Raise Stop once: later signals only log, so a second Ctrl-C (or a SIGINT and the
+    SIGTERM a supervisor sends after it) cannot raise again inside the `finally` that is
+    stopping the engines and orphan them."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, already_stopping)
     raise Stop(signal.Signals(signum).name)
 
 
@@ -33,7 +41,7 @@ def already_stopping(signum: int, frame: FrameType | None) -> None:
 @contextlib.contextmanager
 def captured_signals(handler: Handler = raise_stop) -> Iterator[None]:
     """SIGINT and SIGTERM go to handler inside the block; the previous handlers after it."""
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
         yield
     finally:

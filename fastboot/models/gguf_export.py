@@ -70,7 +70,7 @@ def write_gguf(model_dir: Path, out: Path) -> Path:
 
 def _add_hyperparameters(writer: Any, config: dict[str, Any]) -> None:
     heads = config["num_attention_heads"]
-    writer.add_name("fastboot tiny llama")
+    writer.add_name("fastboot-tiny-llama")
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(config["num_hidden_layers"])
