@@ -13,9 +13,16 @@ For each model size, in one run:
      memory (every page allocated, zeroed and filled). A mapped restore is not bound by them.
      fastboot's own phases (verify, `criu restore`, first answer) come from its DEBUG log.
 
-Prints a table with medians and ratios and writes JSON (and a PNG chart) to benchmarks/results/.
+Then, for servers fastboot runs as `--fastboot-engine command` (the tiny model: llama.cpp's
+`python -m llama_cpp.server` on its GGUF, and `transformers serve` on its directory): N
+interleaved pairs of the plain server's cold boot and `fastboot serve --fastboot-engine command`
+restoring, each timed from process start to the first completed request (after one unmeasured
+first run that makes the snapshot).
+
+Prints tables with medians and ratios and writes JSON (and a PNG chart) to benchmarks/results/.
 
     .venv/bin/python benchmarks/boot_latency.py [--sizes tiny,1gib] [--runs 3]
+        [--servers llama.cpp,transformers]   ("" : vLLM only)
 """
 
 from __future__ import annotations
@@ -241,6 +248,7 @@ def bench_size(size: str, runs: int, work: Path) -> dict[str, object]:
     }
     criu_s = phase_medians.get("criu_restore_s", float("nan"))
     return {
+        "engine": "vllm",
         "size": size,
         "model_bytes": sum(p.stat().st_size for p in model.iterdir()),
         "vllm_serve_s": baseline,
@@ -266,18 +274,93 @@ def bench_size(size: str, runs: int, work: Path) -> dict[str, object]:
     }
 
 
+def command_servers(work: Path) -> dict[str, tuple[str, list[str], list[str], dict[str, str]]]:
+    """name -> (MODEL, server command with {host}/{port}/{model}, fastboot flags, env)."""
+    from fastboot.models.gguf_export import GGUF_FILE, write_gguf
+
+    model = work / "model-tiny"
+    if not model.exists():
+        write_tiny_llama(model, "tiny")
+    gguf = work / "gguf" / GGUF_FILE
+    if not gguf.exists():
+        write_gguf(model, gguf)
+    hub = work / "hub-cache"  # transformers serve lists the hub cache: an empty one
+    hub.mkdir(exist_ok=True)
+    listen = ["--host", "{host}", "--port", "{port}"]
+    llama_flags = ["--n_ctx", "512"]
+    transformers = str(Path(sys.executable).with_name("transformers"))
+    return {
+        "llama.cpp": (
+            str(gguf),
+            [sys.executable, "-m", "llama_cpp.server", "--model", "{model}", *listen, *llama_flags],
+            [],
+            {},
+        ),
+        "transformers": (
+            str(model),
+            [transformers, "serve", "{model}", *listen, "--device", "cpu"],
+            ["--fastboot-ready-path", "/health"],
+            {"HF_HUB_CACHE": str(hub)},
+        ),
+    }
+
+
+def bench_command(name: str, runs: int, work: Path) -> dict[str, object]:
+    """The plain server's cold boot vs `fastboot serve --fastboot-engine command` restoring."""
+    model, command, flags, env = command_servers(work)[name]
+    port = free_port()
+    fill = {"{host}": "127.0.0.1", "{port}": str(port), "{model}": model}
+    plain = [fill.get(a, a) for a in command]
+    snapshots = work / f"snapshots-{name}"
+    fastboot = [sys.executable, "-m", "fastboot", "serve", model, "--fastboot-engine", "command"]
+    fastboot += ["--port", str(port), *flags, "--fastboot-snapshot-dir", str(snapshots)]
+    fastboot += ["--", *command]
+    log = work / f"{name}.log"
+    print(f"[{name}] making the snapshot (fastboot cold boot)", flush=True)
+    timed_boot(fastboot, port, model, log, signal.SIGINT, snapshots, extra_env=env)
+    (manifest,) = Store(snapshots).list()
+    assert not isinstance(manifest, Exception), manifest
+    baseline, restore = [], []
+    for i in range(runs):
+        baseline.append(timed_boot(plain, port, model, log, signal.SIGTERM, extra_env=env))
+        restore.append(
+            timed_boot(fastboot, port, model, log, signal.SIGINT, None, "restored snapshot", env)
+        )
+        print(
+            f"[{name}] run {i + 1}/{runs}: plain {baseline[-1]:.2f} s, "
+            f"fastboot restore {restore[-1]:.2f} s",
+            flush=True,
+        )
+    return {
+        "engine": name,
+        "size": "tiny",
+        "server_command": command,
+        "fastboot_flags": flags,
+        "plain_cold_s": baseline,
+        "fastboot_restore_s": restore,
+        "plain_cold_median_s": statistics.median(baseline),
+        "fastboot_restore_median_s": statistics.median(restore),
+        "speedup": statistics.median(baseline) / statistics.median(restore),
+        "snapshot_bytes": manifest.total_bytes,
+        "dump_s": manifest.dump_s,
+        "oracle_compares": manifest.oracle.get("compare"),
+    }
+
+
 def plot(results: list[dict[str, object]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = [str(r["size"]) for r in results]
+    sizes = [f"{r.get('engine', 'vllm')} {r['size']}" for r in results]
     x = range(len(sizes))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    base = [float(str(r["vllm_serve_median_s"])) for r in results]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    base = [float(str(r.get("vllm_serve_median_s", r.get("plain_cold_median_s")))) for r in results]
     fast = [float(str(r["fastboot_restore_median_s"])) for r in results]
-    ax.bar([i - 0.2 for i in x], base, 0.4, label="vllm serve (cold, compile cache warm)")
+    ax.bar(
+        [i - 0.2 for i in x], base, 0.4, label="the plain server (cold; vLLM's compile cache warm)"
+    )
     ax.bar([i + 0.2 for i in x], fast, 0.4, label="fastboot serve (restore)")
     for i, r in enumerate(results):
         ax.annotate(
@@ -285,7 +368,8 @@ def plot(results: list[dict[str, object]], path: Path) -> None:
         )
     ax.set_xticks(list(x), sizes)
     ax.set_ylabel("seconds to first completed request (median)")
-    ax.set_title("Boot latency on CPU (vLLM 0.32 CPU build)")
+    ax.set_title("Boot latency on CPU")
+    ax.set_yscale("log")
     ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -295,6 +379,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="tiny,1gib")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--servers", default="llama.cpp,transformers")
     parser.add_argument("--out", type=Path, default=RESULTS / "boot_latency.json")
     parser.add_argument("--plot-only", action="store_true", help="re-draw the PNG from --out")
     args = parser.parse_args()
@@ -303,8 +388,10 @@ def main() -> int:
         return 0
     results = []
     with tempfile.TemporaryDirectory(prefix="fastboot-bench-") as work:
-        for size in args.sizes.split(","):
+        for size in [s for s in args.sizes.split(",") if s]:
             results.append(bench_size(size, args.runs, Path(work)))
+        for name in [s for s in args.servers.split(",") if s]:
+            results.append(bench_command(name, args.runs, Path(work)))
     print()
     print(
         f"{'model':<6} {'vllm serve':>11} {'fastboot':>9} {'speedup':>8} {'copying':>8} "
@@ -313,6 +400,8 @@ def main() -> int:
         f"{'restore/load':>13} {'criu/load':>10}"
     )
     for r in results:
+        if r["engine"] != "vllm":
+            continue
         gigabytes = int(str(r["snapshot_bytes"])) / 1e9
         print(
             f"{r['size']:<6} {r['vllm_serve_median_s']:>10.1f}s "
@@ -324,6 +413,18 @@ def main() -> int:
             f"{r['restore_over_load']:>12.1f}x "
             f"{r['criu_restore_over_load']:>9.2f}x"
         )
+    commands = [r for r in results if r["engine"] != "vllm"]
+    if commands:
+        print(
+            f"\n{'server':<13} {'plain cold':>11} {'fastboot':>9} {'speedup':>8} "
+            f"{'snapshot':>9} oracle"
+        )
+        for r in commands:
+            print(
+                f"{r['engine']:<13} {r['plain_cold_median_s']:>10.2f}s "
+                f"{r['fastboot_restore_median_s']:>8.2f}s {r['speedup']:>7.1f}x "
+                f"{int(str(r['snapshot_bytes'])) / 1e9:>7.2f}GB {r['oracle_compares']}"
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     document = {
         "benchmark": "boot_latency",
@@ -333,7 +434,7 @@ def main() -> int:
             "kernel": platform.release(),
             "machine": platform.machine(),
         },
-        "engine_flags": {size: cpu_serve_flags(size) for size in args.sizes.split(",")},
+        "engine_flags": {size: cpu_serve_flags(size) for size in args.sizes.split(",") if size},
         "runs": args.runs,
         "results": results,
     }

@@ -81,12 +81,14 @@ def choose_engine(argv: Sequence[str], specs: Sequence[FlagSpec]) -> tuple[Split
             raise missing_model(argv)
         engine = EngineChoice(name, {}, split.model, split.engine_argv, split.host, split.port)
         return split, engine
+    # MODEL only as the first argument: a `--model` among the server's flags is the server's.
+    model = argv[0] if argv and argv[0] != "--" and not argv[0].startswith("-") else ""
     at = len(split.engine_argv) if split.separator is None else split.separator
     engine_argv = [*split.engine_argv[:at], command.SEPARATOR, *split.engine_argv[at:]]
     listen, _ = command.split_command(engine_argv)  # UsageError for what does not fit
     if "key_env" in given:
         given["key_env"] = [p for p in str(given["key_env"]).split(",") if p]
-    options = {"model": split.model, **given} if split.model else given
+    options = {"model": model, **given} if model else given
     engines.get(name, options)  # options it cannot take fail now
-    head = SplitArgv(split.model, split.fastboot, listen)
-    return split, EngineChoice(name, options, split.model, engine_argv, head.host, head.port)
+    head = SplitArgv(model, split.fastboot, listen)
+    return split, EngineChoice(name, options, model, engine_argv, head.host, head.port)

@@ -28,19 +28,8 @@ fi
 py=${PYTHON:-$(command -v python3)}
 nvidia-smi --query-gpu=name,driver_version,memory.total,persistence_mode --format=csv || true
 
-if [ -z "${FASTBOOT_CRIU:-}" ] && ! { command -v criu >/dev/null && criu --version | grep -qE 'Version: (4\.([2-9]|[1-9][0-9])|[5-9])'; }; then
-    for prefix in ${FASTBOOT_GPU_CRIU_PREFIX:-} "$repo/.cache/criu" /opt/fastboot/criu; do
-        [ -d "$prefix/root" ] || continue
-        lib=$(ls -d "$prefix"/root/usr/lib/*-linux-gnu | head -1)
-        loader=$(ls "$lib"/ld-linux-*.so.* | head -1)
-        wrapper=$(mktemp -d)/criu
-        printf '#!/bin/sh\nexec "%s" --library-path "%s" "%s/root/usr/sbin/criu" "$@"\n' \
-            "$loader" "$lib" "$prefix" >"$wrapper"
-        chmod +x "$wrapper"
-        export FASTBOOT_CRIU=$wrapper
-        break
-    done
-fi
+# shellcheck source=tests/gpu/criu-env.sh
+source tests/gpu/criu-env.sh
 echo "criu: ${FASTBOOT_CRIU:-$(command -v criu || echo none)}"
 
 echo "kernel $(uname -r); cuda-bindings $("$py" -c 'import cuda.bindings as b; print(b.__version__)' 2>&1 | tail -1)"
