@@ -10,6 +10,8 @@ A command module provides:
     def run(args: argparse.Namespace) -> int
     PASSTHROUGH = True   (optional) argparse does not parse the command's arguments: they
                          arrive verbatim as args.argv (`serve` forwards them to the engine)
+    PASSTHROUGH_AFTER = "ACTION"   (optional) the same for what follows that action's name
+                         (`snapshot [--dir D] create ...`), argparse parsing what precedes it
 """
 
 from __future__ import annotations
@@ -79,6 +81,13 @@ def _parse(
         rest = argv[argv.index(selected) + 1 :]
         if getattr(module, "PASSTHROUGH", False) and rest not in (["-h"], ["--help"]):
             return argparse.Namespace(command=selected, argv=rest, run=module.run)
+        action = getattr(module, "PASSTHROUGH_AFTER", None)
+        if action in rest and rest[rest.index(action) + 1 :] not in (["-h"], ["--help"]):
+            # argparse's REMAINDER refuses a first token that looks like an option.
+            at = len(argv) - len(rest) + rest.index(action)
+            args = parser.parse_args(argv[: at + 1])
+            args.argv = argv[at + 1 :]
+            return args
     return parser.parse_args(argv)
 
 

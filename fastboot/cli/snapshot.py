@@ -18,6 +18,9 @@ from fastboot.cli.engine_argv import FlagSpec
 from fastboot.errors import UsageError
 from fastboot.snapshot.store import Manifest, SnapshotInvalid, Store
 
+#: What follows `create` is its command line, verbatim (fastboot.cli.main).
+PASSTHROUGH_AFTER = "create"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -30,7 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     create = sub.add_parser(
         "create",
         help="snapshot MODEL in its own namespaces, for agents to restore as many replicas",
-        usage="fastboot snapshot create MODEL [vllm serve flags] [--fastboot-hooks MODULE]",
+        usage=(
+            "fastboot snapshot create MODEL [vllm serve flags] [--fastboot-hooks MODULE]\n"
+            "       fastboot snapshot create [MODEL] --fastboot-engine command "
+            "[--fastboot-...] -- SERVER ARG..."
+        ),
         description=(
             "Cold boot `vllm serve MODEL [flags]` in its own network, mount and pid "
             "namespaces (listening on 0.0.0.0:--port inside, default 8000), warm it up, record "

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -123,3 +124,13 @@ def test_parse_size_rejects(text: str) -> None:
     reports `invalid value` for the flag instead of a traceback."""
     with pytest.raises(argparse.ArgumentTypeError, match="is not a size"):
         parse_size(text)
+
+
+def test_snapshot_create_takes_a_command_line_that_starts_with_a_flag(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """`snapshot create --fastboot-engine command ...` reaches create's own parsing (argparse's
+    REMAINDER would refuse a first token that looks like an option, exit 2)."""
+    code = cli.main(["snapshot", "--dir", str(tmp_path), "create", "--fastboot-engine", "command"])
+    assert code == 1
+    assert "needs the server's command after `--`" in capfd.readouterr().err
