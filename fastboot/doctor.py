@@ -30,7 +30,9 @@ from typing import Any
 from fastboot import engines, envs
 from fastboot.errors import FastbootError
 from fastboot.host import iouring
+from fastboot.snapshot import cpu_levels, fingerprint
 from fastboot.snapshot import criu as criu_mod
+from fastboot.snapshot.store import Manifest, Store
 
 MODES = ("auto", "cpu", "gpu", "imagefs", "all")
 
@@ -334,6 +336,52 @@ def check_cuda_checkpoint() -> Check:
     )
 
 
+def check_cpu_level() -> Check:
+    """This CPU's x86-64 level: the highest a snapshot made elsewhere may be held to and
+    still restore here (informational)."""
+    model, flags = fingerprint.cpu_info()
+    level = cpu_levels.highest_level(flags)
+    if level is None:
+        return Check("cpu level", True, f"{platform.machine()} ({model}): no x86-64 level")
+    detail = f"{level} ({model})"
+    if level != "x86-64-v4":
+        detail += f"; lacks {', '.join(cpu_levels.missing('x86-64-v4', flags)[:6])} of v4"
+    return Check("cpu level", True, detail)
+
+
+def check_snapshots(root: Path | None = None) -> Check:
+    """Which snapshots in the store restore on this host, and why the others do not (the
+    same verdict the boot sequence reaches, without verifying every file)."""
+    root = root or envs.snapshot_dir()
+    found = Store(root).list()
+    if not found:
+        return Check("snapshots", True, f"none in {root}")
+    fits, refused = 0, []
+    hosts: dict[str, fingerprint.Fingerprint] = {}
+    for manifest in found:
+        if not isinstance(manifest, Manifest):
+            refused.append(f"invalid ({manifest})")
+            continue
+        try:
+            engine = engines.get(
+                str(manifest.key.get("engine", engines.DEFAULT)),
+                manifest.key.get("engine_options"),
+            )
+            which = f"{engine.NAME} {engine.version()}"
+        except FastbootError as exc:
+            refused.append(f"{manifest.id[:12]}: {exc}")
+            continue
+        host = hosts.setdefault(which, fingerprint.current(which, gpu=True))
+        if why := fingerprint.incompatibility(manifest.fingerprint, host):
+            refused.append(f"{manifest.id[:12]}: {why}")
+        else:
+            fits += 1
+    detail = f"{fits} of {len(found)} in {root} restore here"
+    if refused:
+        detail += "; " + "; ".join(refused[:3]) + (" ..." if len(refused) > 3 else "")
+    return Check("snapshots", True, detail)
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -350,6 +398,8 @@ def run_checks(engine: str = engines.DEFAULT) -> list[Check]:
         *(functools.partial(check_engine, e, engine == e.NAME) for e in engines.ADAPTERS.values()),
         check_gpu,
         check_cuda_checkpoint,
+        check_cpu_level,
+        check_snapshots,
     ]
     return [check() for check in checks]
 

@@ -65,7 +65,8 @@ class Fingerprint:
         return cls(**known)
 
 
-def _cpuinfo() -> tuple[str, tuple[str, ...]]:
+def cpu_info() -> tuple[str, tuple[str, ...]]:
+    """(model name, sorted feature flags) of this CPU, from /proc/cpuinfo."""
     model, flags = platform.processor() or "unknown", ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -84,7 +85,7 @@ def _cpuinfo() -> tuple[str, tuple[str, ...]]:
 def current(engine: str, gpu: bool = False) -> Fingerprint:
     """This host's fingerprint for an engine described as "NAME VERSION"; with gpu, also its
     GPUs (for an engine that runs on CUDA)."""
-    model, flags = _cpuinfo()
+    model, flags = cpu_info()
     glibc = os.confstr("CS_GNU_LIBC_VERSION") or "unknown"
     return Fingerprint(
         cpu_model=model,

@@ -1,0 +1,78 @@
+"""x86-64 levels from CPU flags, what a level-held snapshot is accepted on, and the doctor's
+view of a store."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from fastboot import doctor, engines
+from fastboot.snapshot import cpu_levels, fingerprint
+from fastboot.snapshot.store import Manifest, SnapshotId, Store
+
+#: Flags a CPU reports beyond the levels (they never decide one).
+EXTRA = ("aes", "rdrand", "sha_ni", "hypervisor")
+
+
+def host(level: str, drop: str = "") -> fingerprint.Fingerprint:
+    flags = tuple(sorted((cpu_levels.LEVELS[level] | set(EXTRA)) - {drop}))
+    return dataclasses.replace(fingerprint.current("vllm test"), cpu_flags=flags)
+
+
+@pytest.mark.parametrize("level", ["x86-64", "x86-64-v2", "x86-64-v3", "x86-64-v4"])
+def test_the_highest_level_of_each_flag_set(level: str) -> None:
+    assert cpu_levels.highest_level(host(level).cpu_flags) == level
+
+
+def test_one_missing_feature_drops_a_level() -> None:
+    assert cpu_levels.highest_level(host("x86-64-v3", drop="movbe").cpu_flags) == "x86-64-v2"
+    assert cpu_levels.missing("x86-64-v3", host("x86-64-v3", drop="movbe").cpu_flags) == ["movbe"]
+    assert cpu_levels.highest_level(["neon", "asimd"]) is None  # not x86
+
+
+def test_a_snapshot_held_to_v2_fits_v2_v3_v4_hosts_and_no_host_missing_a_v2_feature() -> None:
+    snapshot = dataclasses.replace(host("x86-64-v4"), cpu_flags=tuple(sorted(cpu_levels.X86_64_V2)))
+    for level in ("x86-64-v2", "x86-64-v3", "x86-64-v4"):
+        assert fingerprint.incompatibility(snapshot, host(level)) is None
+    why = fingerprint.incompatibility(snapshot, host("x86-64-v4", drop="sse4_2"))
+    assert why is not None and "sse4_2" in why
+
+
+def test_the_doctor_says_which_snapshots_restore_here(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    here = fingerprint.current(f"vllm {engines.get('vllm').version()}", gpu=True)
+    for snapshot_id, fp in (
+        ("fitsfitsfits", here),
+        ("oldkerneloldk", dataclasses.replace(here, kernel="4.19.0-ancient")),
+    ):
+        with store.partial(SnapshotId(snapshot_id)) as partial:
+            (partial / "pages-1.img").write_bytes(b"pages")
+            store.publish(partial, _manifest(snapshot_id, fp))
+    check = doctor.check_snapshots(tmp_path)
+    assert check.ok
+    assert check.detail.startswith(f"1 of 2 in {tmp_path} restore here")
+    assert "oldkernelold: kernel differs" in check.detail
+    assert doctor.check_snapshots(tmp_path / "none").detail.startswith("none in")
+
+
+def test_the_doctor_names_this_cpus_level() -> None:
+    check = doctor.check_cpu_level()
+    _, flags = fingerprint.cpu_info()
+    level = cpu_levels.highest_level(flags)
+    assert check.ok and (level is None or check.detail.startswith(level))
+
+
+def _manifest(snapshot_id: str, fp: fingerprint.Fingerprint) -> Manifest:
+    return Manifest(
+        id=SnapshotId(snapshot_id),
+        key={"engine": "vllm", "engine_version": "0", "model": {}},
+        fingerprint=fp,
+        oracle={"token_ids": [1]},
+        created=1.0,
+        cold_boot_s=1.0,
+        dump_s=1.0,
+        engine_argv=[],
+        stdio_pipe="pipe:[1]",
+    )
