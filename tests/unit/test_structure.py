@@ -147,3 +147,11 @@ def _explained(lines: list[str], index: int) -> bool:
     while index > 0 and lines[index - 1].strip().startswith(("from ", "import ")):
         index -= 1
     return lines[index - 1].strip().startswith("#")
+
+
+def test_test_modules_have_unique_names() -> None:
+    """pytest imports test modules by basename (no packages under tests/unit and
+    tests/integration): two files of one name stop the whole run at collection."""
+    tests = Path(__file__).resolve().parents[1]
+    names = [p.name for p in tests.rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
