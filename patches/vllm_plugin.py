@@ -32,6 +32,12 @@ CPU samples during the restores were workers spinning, and the four were ready a
 instead of 0.5-0.6 s with a 20 ms spin. Under load the gap between steps is far below 20 ms, so
 the queue still spins while busy; an idle reader pays one ZMQ wake-up (tens of microseconds)
 for its next message, on an engine whose CPU steps take milliseconds.
+
+The CPU report: on CPU every worker gets a method `fastboot_cpu_report` (cpu_report.report():
+which instructions torch, oneDNN, numpy, glibc and vLLM's kernels chose), so a restored engine
+can be asked, with vLLM's own `POST /collective_rpc {"method": "fastboot_cpu_report"}` (served
+when VLLM_SERVER_DEV_MODE=1), what its code runs on: how tests/integration/test_cpu_baseline.py
+shows a `--fastboot-cpu-baseline` holds.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import sys
 import uuid
 from typing import Any
 
+from . import cpu_report
 from .report import launched_by_fastboot, report_loaded
 
 #: How long a shared-memory reader spins after a message on CPU engines (vLLM: 1 s).
@@ -57,6 +64,7 @@ def register() -> None:
     if _on_cpu():  # only vLLM's CPU executor looks itself up in /proc, and only it spins idly
         read_own_proc_status()
         limit_reader_spin(CPU_READER_SPIN_S)
+        add_cpu_report()
 
 
 def _on_cpu() -> bool:
@@ -119,6 +127,26 @@ def keep_file_store_in(directory: str) -> bool:
         module = sys.modules.get(name)
         if module is not None and hasattr(module, "get_file_store_init_method"):
             module.get_file_store_init_method = get_file_store_init_method  # type: ignore[attr-defined]
+    return True
+
+
+#: The worker method that answers cpu_report.report() (vLLM's collective_rpc calls it by name).
+CPU_REPORT_METHOD = "fastboot_cpu_report"
+
+
+def add_cpu_report() -> bool:
+    """Give vLLM's workers the method CPU_REPORT_METHOD; idempotent. False when this vLLM has
+    no WorkerWrapperBase (nothing to add to)."""
+    try:
+        from vllm.v1.worker.worker_base import WorkerWrapperBase
+    except ImportError:
+        return False
+    if not hasattr(WorkerWrapperBase, CPU_REPORT_METHOD):
+
+        def fastboot_cpu_report(self: Any) -> dict[str, Any]:
+            return cpu_report.report()
+
+        setattr(WorkerWrapperBase, CPU_REPORT_METHOD, fastboot_cpu_report)
     return True
 
 

@@ -26,6 +26,8 @@ from fastboot.snapshot.key import model_identity, snapshot_key
 from fastboot.snapshot.store import Manifest, Store
 from fastboot.snapshot.take import Target
 
+#: The CPU baseline `fastboot snapshot create` holds engines to unless told (docs/snapshots.md).
+DEFAULT_CREATE_BASELINE = "native"
 #: Links of the throw-away namespaces isolated snapshots are taken in (one /30 per process).
 SNAPSHOT_SUBNET = "10.212.0.0/16"
 
@@ -45,6 +47,9 @@ class CreateConfig:
     engine: str = engines.DEFAULT
     engine_options: dict[str, Any] = field(default_factory=dict)
     """The adapter's options (fastboot.engines.get)."""
+    cpu_baseline: str = DEFAULT_CREATE_BASELINE
+    """The level the engine's code is held to (fastboot.snapshot.cpu_levels): a fleet's
+    snapshot restores on every host at or above it."""
     ready_timeout_s: float = 900.0
     restore_timeout_s: float = sequence.RESTORE_TIMEOUT_S
 
@@ -66,6 +71,7 @@ def isolated_target(
         env_prefixes=spec.engine.ENV_PREFIXES,
         layout=site.layout,
         engine_options=spec.engine.options(),
+        cpu_baseline=spec.cpu_baseline,
     )
     return sequence.new_target(
         spec, site, store, key, sequence.host_fingerprint(spec.engine, version), digests
@@ -97,6 +103,7 @@ def create_snapshot(config: CreateConfig) -> Manifest:
             hooks=config.hooks,
             ready_timeout_s=config.ready_timeout_s,
             restore_timeout_s=config.restore_timeout_s,
+            cpu_baseline=sequence.checked_baseline(engine, config.cpu_baseline),
         )
         with tempfile.TemporaryDirectory(prefix="fastboot-create-") as run_dir:
             target = isolated_target(spec, site, config.store, digests)

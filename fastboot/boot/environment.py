@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from pathlib import Path
 
 from fastboot import envs
 from fastboot.engines import Engine
+from fastboot.errors import DependencyError
+from fastboot.snapshot import cpu_levels
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +31,12 @@ def engine_env(
     run_dir: Path,
     socket_dir: Path | None,
     python: Path | None = None,
+    cpu_baseline: str = cpu_levels.NATIVE,
 ) -> dict[str, str]:
     """fastboot's environment plus: the markers its engine-side plugin looks for, where the
-    engine binds its sockets (socket_dir), NCCL settings for tensor parallelism, and, for an
-    engine run by another environment's interpreter, what `activate` would set."""
+    engine binds its sockets (socket_dir), NCCL settings for tensor parallelism, for an
+    engine run by another environment's interpreter what `activate` would set, and the
+    CPU ceiling (cpu_baseline_env)."""
     env = dict(os.environ)
     env[envs.ENGINE_CHILD] = "1"
     env[envs.PLUGIN_REPORT] = str(run_dir / "plugin-report")
@@ -42,7 +47,31 @@ def engine_env(
         env["PATH"] = f"{python.parent}{os.pathsep}{env.get('PATH', '')}"
     if socket_dir is not None:
         env.update(engine.socket_env(socket_dir))
+    env.update(cpu_baseline_env(cpu_baseline, env))
     return env
+
+
+def cpu_baseline_env(level: str, env: dict[str, str]) -> dict[str, str]:
+    """What holds an engine's code to level (cpu_levels.baseline_env), the user's own
+    GLIBC_TUNABLES kept, and the start-up hook that holds torch's CPU checks
+    (patches/cpu_ceiling/sitecustomize.py) first on PYTHONPATH; {} for native."""
+    held = cpu_levels.baseline_env(level)
+    if not held:
+        return {}
+    if env.get("GLIBC_TUNABLES"):
+        held["GLIBC_TUNABLES"] = f"{env['GLIBC_TUNABLES']}:{held['GLIBC_TUNABLES']}"
+    hook = _patches_dir() / "cpu_ceiling"
+    held["PYTHONPATH"] = os.pathsep.join(p for p in (str(hook), env.get("PYTHONPATH")) if p)
+    return held
+
+
+def _patches_dir() -> Path:
+    """Where fastboot's engine-side package (patches/, installed as fastboot_patches) lies;
+    found without importing it (it is engine code)."""
+    spec = importlib.util.find_spec("fastboot_patches")
+    if spec is None or not spec.submodule_search_locations:
+        raise DependencyError("fastboot_patches is not installed beside fastboot")
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def tensor_parallel_env(engine_argv: list[str], env: dict[str, str]) -> dict[str, str]:

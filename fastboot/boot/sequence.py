@@ -28,9 +28,9 @@ from pathlib import Path
 from fastboot.boot.environment import check_plugin, engine_env
 from fastboot.boot.site import Site
 from fastboot.engines import Engine, EngineError, hooks
-from fastboot.errors import CriuMissingError, FastbootError
+from fastboot.errors import CriuMissingError, FastbootError, UsageError
 from fastboot.host.supervisor import EngineTree
-from fastboot.snapshot import fingerprint
+from fastboot.snapshot import cpu_levels, fingerprint
 from fastboot.snapshot.digests import DIGEST_CACHE, DigestCache
 from fastboot.snapshot.store import Manifest, SnapshotId, SnapshotInvalid, Store
 from fastboot.snapshot.take import Taken, Target, dump_and_publish
@@ -58,6 +58,8 @@ class BootSpec:
     """How long a cold boot may take to answer."""
     restore_timeout_s: float = RESTORE_TIMEOUT_S
     """How long a restored engine may take to answer."""
+    cpu_baseline: str = cpu_levels.NATIVE
+    """The level the engine's code is held to (fastboot.snapshot.cpu_levels)."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,23 @@ class ColdBoot:
 def host_fingerprint(engine: Engine, engine_version: str) -> fingerprint.Fingerprint:
     """This host as a snapshot of that engine must find it."""
     return fingerprint.current(f"{engine.NAME} {engine_version}", gpu=True)
+
+
+def checked_baseline(engine: Engine, level: str) -> str:
+    """level, if this host and engine can be held to it; UsageError saying why not."""
+    if level == cpu_levels.NATIVE:
+        return level
+    if level not in cpu_levels.BASELINES:
+        raise UsageError(
+            f"unknown CPU baseline {level!r}: one of {', '.join(cpu_levels.BASELINES)}"
+        )
+    order = list(cpu_levels.LEVELS)
+    if order.index(level) < order.index(engine.CPU_FLOOR):
+        raise UsageError(f"{engine.NAME} does not run below {engine.CPU_FLOOR} (asked: {level})")
+    _, flags = fingerprint.cpu_info()
+    if lacking := cpu_levels.missing(level, flags):
+        raise UsageError(f"this CPU is below {level}: it lacks {', '.join(lacking)}")
+    return level
 
 
 def digest_cache(store: Store) -> DigestCache:
@@ -162,7 +181,9 @@ def cold_boot(spec: BootSpec, site: Site, run_dir: Path) -> ColdBoot:
     """A ready cold-booted engine at site; EngineError (with its last output) otherwise."""
     start = time.monotonic()
     argv = spec.engine.command(spec.model, spec.engine_argv, spec.python)
-    env = engine_env(spec.engine, spec.engine_argv, run_dir, site.socket_dir, spec.python)
+    env = engine_env(
+        spec.engine, spec.engine_argv, run_dir, site.socket_dir, spec.python, spec.cpu_baseline
+    )
     tree = site.spawn(argv, env)
     try:
         model = spec.engine.wait_ready(site.url, spec.ready_timeout_s, tree.alive)
@@ -327,4 +348,5 @@ def new_target(
         digests=digests,
         hooks=spec.hooks,
         isolation=site.isolation,
+        cpu_baseline=spec.cpu_baseline,
     )

@@ -48,7 +48,13 @@ COMMAND_FLAGS = {
         True,
     ): "key_env",
 }
-FLAGS = [ENGINE_FLAG, *COMMAND_FLAGS]
+CPU_BASELINE_FLAG = FlagSpec(
+    "cpu-baseline",
+    "hold the engine's code to an x86-64 level (x86-64-v2, -v3, -v4) so its snapshot restores "
+    "on every CPU at or above it; native (the default for serve): this CPU's own",
+    True,
+)
+FLAGS = [ENGINE_FLAG, *COMMAND_FLAGS, CPU_BASELINE_FLAG]
 
 
 @dataclass(frozen=True)

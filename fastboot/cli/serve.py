@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         refresh=bool(split.fastboot.get("refresh")),
         hooks=str(split.fastboot["hooks"]) if "hooks" in split.fastboot else None,
         isolated=bool(split.fastboot.get("isolated")),
+        cpu_baseline=str(split.fastboot.get("cpu-baseline", "native")),
         env_image=str(split.fastboot["env-image"]) if "env-image" in split.fastboot else None,
         weights_image=(
             str(split.fastboot["weights-image"]) if "weights-image" in split.fastboot else None

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from fastboot import engines, envs
-from fastboot.boot.create import CreateConfig, create_snapshot
+from fastboot.boot.create import DEFAULT_CREATE_BASELINE, CreateConfig, create_snapshot
 from fastboot.cli import engine_choice
 from fastboot.cli.engine_argv import FlagSpec
 from fastboot.errors import UsageError
@@ -89,6 +89,7 @@ def _create(store: Store, argv: list[str]) -> int:
         hooks=str(split.fastboot["hooks"]) if "hooks" in split.fastboot else None,
         engine=engine.name,
         engine_options=engine.options,
+        cpu_baseline=str(split.fastboot.get("cpu-baseline", DEFAULT_CREATE_BASELINE)),
     )
     manifest = create_snapshot(config)
     print(manifest.id)

@@ -42,6 +42,8 @@ class Engine(Protocol):
     """Whether fastboot's engine-side plugin (fastboot_patches) loads in its processes."""
     INSTALL_HINT: str
     """What to install when the engine is missing."""
+    CPU_FLOOR: str
+    """The lowest x86-64 level its code runs at (`--fastboot-cpu-baseline` may not go below)."""
 
     def options(self) -> dict[str, Any]:
         """What the snapshot key records to build this adapter again ({} for an adapter with

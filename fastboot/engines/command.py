@@ -142,6 +142,7 @@ class CommandEngine:
 
     NAME = NAME
     HAS_PLUGIN = False
+    CPU_FLOOR = "x86-64-v2"  # unknown: the user knows what their server runs on
     INSTALL_HINT = "install the server CMD names (fastboot runs it as given)"
 
     def __init__(self, options: CommandOptions = CommandOptions()) -> None:

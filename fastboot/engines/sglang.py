@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 NAME = "sglang"
 ENV_PREFIXES: tuple[str, ...] = ("SGLANG_",)
 HAS_PLUGIN = False
+#: Unmeasured (SGLang is not installable here); its CPU kernels are assumed to need AVX2.
+CPU_FLOOR = "x86-64-v3"
 INSTALL_HINT = "pip install 'fastboot[sglang]'"
 
 #: vLLM flag -> SGLang flag, for flags that take a value.

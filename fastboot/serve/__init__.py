@@ -50,6 +50,7 @@ def snapshot_key(
         env_prefixes=engine.ENV_PREFIXES,
         environment=config.environment,
         engine_options=engine.options(),
+        cpu_baseline=config.cpu_baseline,
     )
 
 
@@ -82,6 +83,7 @@ def serve(config: ServeConfig) -> int:
             "--fastboot-engine command takes no --fastboot-env-image/--fastboot-weights-image "
             "(yet): name the files in the server's command instead"
         )
+    sequence.checked_baseline(engine, config.cpu_baseline)  # before anything starts
     if config.isolated:
         if config.engine not in engines.ISOLATED:
             raise UsageError(

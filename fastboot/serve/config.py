@@ -66,6 +66,8 @@ class ServeConfig:
     for env_image."""
     environment: dict[str, Any] | None = None
     """The env image in the snapshot key (index digest and mountpoint). Set by serve()."""
+    cpu_baseline: str = "native"
+    """The x86-64 level the engine's code is held to (fastboot.snapshot.cpu_levels)."""
 
     @property
     def store(self) -> Store:
@@ -85,6 +87,7 @@ class ServeConfig:
             hooks=self.hooks,
             ready_timeout_s=self.ready_timeout_s,
             restore_timeout_s=self.restore_timeout_s,
+            cpu_baseline=self.cpu_baseline,
         )
 
 

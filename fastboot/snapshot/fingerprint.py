@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -31,7 +32,7 @@ class Fingerprint:
     machine: str
     """Architecture (x86_64, aarch64)."""
     kernel: str
-    """Kernel release (the vDSO and syscalls restored code expects)."""
+    """Kernel release (restores on this major.minor or newer: kernel_incompatibility)."""
     glibc: str
     """glibc version (mapped into every process of the image)."""
     python: str
@@ -113,11 +114,41 @@ def incompatibility(snapshot: Fingerprint, host: Fingerprint) -> str | None:
     if missing:
         shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
         return f"this CPU lacks features the snapshot's code may use: {shown}"
-    for field in ("machine", "kernel", "glibc", "python", "engine"):
+    for field in ("machine", "glibc", "python", "engine"):
         theirs, ours = getattr(snapshot, field), getattr(host, field)
         if theirs != ours:
             return f"{field} differs: snapshot {theirs}, host {ours}"
+    if why := kernel_incompatibility(snapshot.kernel, host.kernel):
+        return why
     return _gpu_incompatibility(snapshot, host)
+
+
+def kernel_version(release: str) -> tuple[int, ...]:
+    """(major, minor) of a kernel release string ("6.18.44-fc-v1272" -> (6, 18)); () if it
+    does not start with one."""
+    match = re.match(r"(\d+)\.(\d+)", release)
+    return (int(match.group(1)), int(match.group(2))) if match else ()
+
+
+def kernel_incompatibility(snapshot: str, host: str) -> str | None:
+    """A restore needs the kernel interfaces the dumped code uses, not the same build.
+
+    What a restored process depends on in the kernel: the syscalls and their flags it already
+    used (io_uring setups, rseq, clone3, memfd, ...; a newer kernel keeps them, an older one
+    may lack them), and the vDSO it calls into (CRIU compares the dumped vDSO's symbols with
+    the running kernel's at restore and, where they differ, redirects calls through the new
+    one: its vDSO proxy, in every CRIU since 1.x on x86-64). Everything else CRIU restores
+    itself and `criu restore` fails, cleanly, where the kernel lacks a feature it needs
+    (fastboot then cold boots). So a host kernel of the same or a newer major.minor is
+    accepted whatever its build string; an older one, or a release that is not a version, is
+    refused."""
+    theirs, ours = kernel_version(snapshot), kernel_version(host)
+    if snapshot == host or (theirs and ours and ours >= theirs):
+        return None
+    return (
+        f"kernel differs: snapshot {snapshot}, host {host} (an older kernel may lack what the "
+        "restored code already uses)"
+    )
 
 
 def _gpu_incompatibility(snapshot: Fingerprint, host: Fingerprint) -> str | None:

@@ -57,6 +57,7 @@ def snapshot_key(
     environment: dict[str, Any] | None = None,
     layout: str | None = None,
     engine_options: dict[str, Any] | None = None,
+    cpu_baseline: str = "native",
     environ: Mapping[str, str] = os.environ,
 ) -> tuple[SnapshotId, dict[str, Any]]:
     """The snapshot's id and the key parts it is the digest of.
@@ -64,8 +65,9 @@ def snapshot_key(
     argv: the engine's flags as it runs them; model: model_identity() or an image's identity;
     env_prefixes: the adapter's (variables of environ with them are keyed); environment: the
     env image the engine runs from; layout: None (host) or "isolated"; engine_options: what
-    builds the adapter again (Engine.options). The last three appear in the key only when
-    set, so snapshots made without them keep their ids."""
+    builds the adapter again (Engine.options); cpu_baseline: the level the engine's code is
+    held to. The last four appear in the key only when set (not native), so snapshots made
+    without them keep their ids."""
     key: dict[str, Any] = {
         "engine": engine,
         "engine_version": engine_version,
@@ -80,6 +82,8 @@ def snapshot_key(
         key["layout"] = layout
     if engine_options:
         key["engine_options"] = engine_options
+    if cpu_baseline != "native":
+        key["cpu_baseline"] = cpu_baseline
     return key_id(key), key
 
 

@@ -7,6 +7,7 @@ resumes a tree whose dump failed, so the engine can still be served.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +16,8 @@ from typing import Any
 from fastboot.host import shm
 from fastboot.host.proctree import tree_pids
 from fastboot.host.supervisor import EngineTree
+from fastboot.snapshot import cpu_levels, isolation
 from fastboot.snapshot import criu as criu_mod
-from fastboot.snapshot import isolation
 from fastboot.snapshot.cuda import with_gpu
 from fastboot.snapshot.digests import DigestCache
 from fastboot.snapshot.fingerprint import Fingerprint
@@ -39,6 +40,15 @@ class Target:
     """Module with quiesce/resume hooks, recorded so every restore resumes with them."""
     isolation: dict[str, Any] | None = None
     """Set for an isolated engine (see Manifest.isolation)."""
+    cpu_baseline: str = cpu_levels.NATIVE
+    """The level the engine's code is held to: the manifest records its flags, not the host's
+    (fastboot.snapshot.cpu_levels.ceiling_flags)."""
+
+    @property
+    def recorded(self) -> Fingerprint:
+        """The fingerprint the manifest records: the host's, CPU flags held to the baseline."""
+        flags = cpu_levels.ceiling_flags(self.cpu_baseline, self.host.cpu_flags)
+        return dataclasses.replace(self.host, cpu_flags=flags)
 
 
 @dataclass(frozen=True)
@@ -61,7 +71,7 @@ def dump_and_publish(tree: EngineTree, target: Target, taken: Taken, run_dir: Pa
             Manifest(
                 id=target.snapshot_id,
                 key=target.key,
-                fingerprint=target.host,
+                fingerprint=target.recorded,
                 oracle=taken.oracle,
                 created=time.time(),
                 cold_boot_s=taken.cold_boot_s,

@@ -56,6 +56,7 @@ class FakeEngine:
     ready: bool = True
     timeouts: list[float] = field(default_factory=list)
     NAME: str = "fake"
+    CPU_FLOOR: str = "x86-64-v2"
     ENV_PREFIXES: tuple[str, ...] = ("FAKE_",)
     HAS_PLUGIN: bool = False
     INSTALL_HINT: str = "pip install fake"

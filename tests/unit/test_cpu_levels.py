@@ -45,7 +45,7 @@ def test_the_doctor_says_which_snapshots_restore_here(tmp_path: Path) -> None:
     here = fingerprint.current(f"vllm {engines.get('vllm').version()}", gpu=True)
     for snapshot_id, fp in (
         ("fitsfitsfits", here),
-        ("oldkerneloldk", dataclasses.replace(here, kernel="4.19.0-ancient")),
+        ("newkernelnewk", dataclasses.replace(here, kernel="99.1.0-future")),
     ):
         with store.partial(SnapshotId(snapshot_id)) as partial:
             (partial / "pages-1.img").write_bytes(b"pages")
@@ -53,7 +53,7 @@ def test_the_doctor_says_which_snapshots_restore_here(tmp_path: Path) -> None:
     check = doctor.check_snapshots(tmp_path)
     assert check.ok
     assert check.detail.startswith(f"1 of 2 in {tmp_path} restore here")
-    assert "oldkernelold: kernel differs" in check.detail
+    assert "newkernelnew: kernel differs" in check.detail
     assert doctor.check_snapshots(tmp_path / "none").detail.startswith("none in")
 
 
@@ -76,3 +76,31 @@ def _manifest(snapshot_id: str, fp: fingerprint.Fingerprint) -> Manifest:
         engine_argv=[],
         stdio_pipe="pipe:[1]",
     )
+
+
+@pytest.mark.parametrize(
+    ("snapshot", "host", "fits"),
+    [
+        ("6.18.44-fc-v1272", "6.18.44-fc-v1272", True),  # the same build
+        ("6.18.44-fc-v1272", "6.18.50-other", True),  # another build of the same version
+        ("6.1.0-18-amd64", "6.18.44-fc-v1272", True),  # a newer kernel keeps the interfaces
+        ("6.18.44", "6.1.0-18-amd64", False),  # an older one may lack what the code uses
+        ("6.18.44", "7.0.1", True),
+        ("weird", "6.18.44", False),  # not a version: only the same string fits
+        ("weird", "weird", True),
+    ],
+)
+def test_kernels_that_do_and_do_not_matter(snapshot: str, host: str, fits: bool) -> None:
+    assert (fingerprint.kernel_incompatibility(snapshot, host) is None) is fits
+
+
+def test_the_ceiling_environment_and_flags() -> None:
+    env = cpu_levels.baseline_env("x86-64-v3")
+    assert env["ATEN_CPU_CAPABILITY"] == "avx2" and env["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    assert env["GLIBC_TUNABLES"].startswith("glibc.cpu.hwcaps=-AVX512F")
+    assert "AVX512_SKX" in env["NPY_DISABLE_CPU_FEATURES"].split()
+    assert cpu_levels.baseline_env("native") == {}
+    flags = cpu_levels.ceiling_flags("x86-64-v3", host("x86-64-v4").cpu_flags)
+    assert set(flags) == cpu_levels.X86_64_V3 | {"aes", "rdrand"}  # the unmasked ones it had
+    with pytest.raises(ValueError, match="below x86-64-v4: it lacks avx512bw"):
+        cpu_levels.ceiling_flags("x86-64-v4", host("x86-64-v4", drop="avx512bw").cpu_flags)
