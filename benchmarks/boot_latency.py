@@ -41,6 +41,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from fastboot.models.tiny import cpu_serve_flags, write_tiny_llama
@@ -82,13 +83,15 @@ def timed_boot(
     snapshots: Path | None = None,
     ready_line: str | None = None,
     extra_env: dict[str, str] | None = None,
+    after: Callable[[], None] | None = None,
 ) -> float:
     """Seconds from process start to the first completed request; the process is then stopped.
 
     With snapshots: first wait until a snapshot is published there (a first `fastboot serve`
     answers from its cold engine while it warms up and dumps). With ready_line: also until the
     log has that line — a restored engine's socket answers as soon as `criu restore` returns,
-    and fastboot's restore is complete only once it has checked the oracle and said so."""
+    and fastboot's restore is complete only once it has checked the oracle and said so.
+    after: called on the ready server (not timed) before it is stopped."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "FASTBOOT_LOG_LEVEL": "DEBUG", **(extra_env or {})}
     offset = log.stat().st_size if log.exists() else 0
     with log.open("ab") as out:
@@ -106,7 +109,10 @@ def timed_boot(
                 if proc.poll() is not None or time.monotonic() - start > 900:
                     raise RuntimeError(f"no {ready_line!r} in the log")
                 time.sleep(0.005)
-            return time.monotonic() - start
+            seconds = time.monotonic() - start
+            if after is not None:
+                after()
+            return seconds
         except RuntimeError as exc:
             tail = log.read_text(errors="replace").splitlines()[-30:]
             raise RuntimeError(
