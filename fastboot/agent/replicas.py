@@ -23,6 +23,7 @@ import os
 import secrets
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -35,6 +36,7 @@ from fastboot.host import netns
 from fastboot.host.cgroups import Limits, ReplicaCgroup, sweep
 from fastboot.host.proctree import tree_pids
 from fastboot.host.supervisor import EngineTree
+from fastboot.snapshot import fingerprint
 from fastboot.snapshot.fingerprint import Fingerprint
 from fastboot.snapshot.store import Manifest, SnapshotInvalid, Store
 
@@ -187,9 +189,33 @@ class ReplicaManager:
 
     # -- actions ---------------------------------------------------------------------------
 
-    async def restore(self, prefix: str, count: int) -> list[Replica]:
-        """Start count restores of a snapshot in parallel; returns the replicas (restoring)."""
-        manifest = self.snapshot(prefix)
+    def unfit(self, manifest: Manifest) -> str | None:
+        """Why this host cannot restore manifest (fingerprint.incompatibility), or None."""
+        return fingerprint.incompatibility(manifest.fingerprint, self._host(_engine(manifest)))
+
+    def choose(self, prefixes: Sequence[str]) -> Manifest:
+        """The first of prefixes (snapshots of one model, one per host type, preferred first)
+        that this agent holds and this host can restore. NotFound when it holds none of them,
+        SnapshotInvalid naming each one's reason when none fits."""
+        reasons, held = [], False
+        for prefix in prefixes:
+            try:
+                manifest = self.snapshot(prefix)
+            except NotFound as exc:
+                reasons.append(str(exc))
+                continue
+            held = True
+            if (why := self.unfit(manifest)) is None:
+                return manifest
+            reasons.append(f"snapshot {manifest.id} does not fit this host: {why}")
+        if not held:
+            raise NotFound("; ".join(reasons))
+        raise SnapshotInvalid("; ".join(reasons))
+
+    async def restore(self, prefixes: str | Sequence[str], count: int) -> list[Replica]:
+        """Start count restores in parallel of a snapshot, or of the first of several that fits
+        this host (choose); returns the replicas (restoring)."""
+        manifest = self.choose([prefixes] if isinstance(prefixes, str) else prefixes)
         free = self.config.slots - self.slots_used
         if count > free:
             raise Conflict(f"{count} replicas asked, {free} of {self.config.slots} slots free")

@@ -7,6 +7,8 @@ import subprocess
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from fastboot.snapshot import cpu_levels, fingerprint
+
 #: A CPU replica of the built-in tiny model restores to 1.4 GB resident when its pages are
 #: copied, 0.44 GB when they are mapped from the snapshot (measured:
 #: benchmarks/results/replicas.json); a slot is sized for the copied case, with headroom for the
@@ -91,3 +93,19 @@ def probe(slots: int | None = None) -> Resources:
         memory_available_bytes=memory.get("MemAvailable", 0),
         gpus=found,
     )
+
+
+def host() -> dict[str, Any]:
+    """What snapshots restore here depends on, engine aside (fastboot.snapshot.fingerprint):
+    the CPU's model, x86-64 level and flags, architecture, kernel, glibc and Python. A
+    router or operator reads it to tell the host types of a fleet apart."""
+    found = fingerprint.current("")
+    return {
+        "cpu_model": found.cpu_model,
+        "cpu_level": cpu_levels.highest_level(found.cpu_flags),
+        "cpu_flags": list(found.cpu_flags),
+        "machine": found.machine,
+        "kernel": found.kernel,
+        "glibc": found.glibc,
+        "python": found.python,
+    }

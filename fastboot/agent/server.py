@@ -19,6 +19,7 @@ from fastboot.agent import pull, resources
 from fastboot.agent.replicas import AgentConfig, Conflict, NotFound, ReplicaManager
 from fastboot.errors import FastbootError, UsageError
 from fastboot.host.supervisor import become_subreaper
+from fastboot.snapshot import cpu_levels
 from fastboot.snapshot.store import MANIFEST, Manifest, SnapshotInvalid
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         return error(500, str(exc), "agent_error")
 
 
-def _snapshot_json(m: Manifest) -> dict[str, Any]:
+def _snapshot_json(m: Manifest, unfit: str | None = None) -> dict[str, Any]:
     model = m.key.get("model", {})
     return {
         "id": m.id,
@@ -63,6 +64,9 @@ def _snapshot_json(m: Manifest) -> dict[str, Any]:
         "served_model_name": m.model_name,
         "size_bytes": m.total_bytes,
         "created": m.created,
+        "cpu_baseline": m.key.get("cpu_baseline", cpu_levels.NATIVE),
+        "fits_host": unfit is None,
+        "unfit_reason": unfit,
     }
 
 
@@ -98,21 +102,26 @@ async def health(request: web.Request) -> web.Response:
 async def get_resources(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
     fresh = await asyncio.to_thread(resources.probe, manager.config.slots)
-    return web.json_response(fresh.to_json(manager.slots_used))
+    return web.json_response({**fresh.to_json(manager.slots_used), "host": resources.host()})
 
 
 async def list_snapshots(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
-    found = await asyncio.to_thread(manager.snapshots)
-    return web.json_response({"snapshots": [_snapshot_json(m) for m in found]})
+
+    def listed() -> list[dict[str, Any]]:
+        return [_snapshot_json(m, manager.unfit(m)) for m in manager.snapshots()]
+
+    return web.json_response({"snapshots": await asyncio.to_thread(listed)})
 
 
 async def get_snapshot(request: web.Request) -> web.Response:
-    manifest = request.app[MANAGER].snapshot(request.match_info["id"])
+    manager = request.app[MANAGER]
+    manifest = manager.snapshot(request.match_info["id"])
+    unfit = await asyncio.to_thread(manager.unfit, manifest)
     files = [
         {"name": k, "size": v["size"], "blake3": v["blake3"]} for k, v in manifest.files.items()
     ]
-    return web.json_response({**_snapshot_json(manifest), "files": files})
+    return web.json_response({**_snapshot_json(manifest, unfit), "files": files})
 
 
 async def get_snapshot_file(request: web.Request) -> web.StreamResponse:
@@ -139,10 +148,22 @@ async def pull_snapshot(request: web.Request) -> web.Response:
 
 async def create_replicas(request: web.Request) -> web.Response:
     body = await _body(request)
-    snapshot, count = body.get("snapshot"), body.get("count", 1)
-    if not isinstance(snapshot, str) or not isinstance(count, int) or count < 1:
-        return error(400, "give 'snapshot' (an id) and 'count' (>= 1)", "bad_request")
-    started = await request.app[MANAGER].restore(snapshot, count)
+    given, count = body.get("snapshots", body.get("snapshot")), body.get("count", 1)
+    snapshots = [given] if isinstance(given, str) else given
+    if (
+        not isinstance(snapshots, list)
+        or not snapshots
+        or not all(isinstance(s, str) for s in snapshots)
+        or not isinstance(count, int)
+        or count < 1
+    ):
+        return error(
+            400,
+            "give 'snapshot' (an id) or 'snapshots' (ids, the first that fits this host is "
+            "restored) and 'count' (>= 1)",
+            "bad_request",
+        )
+    started = await request.app[MANAGER].restore(snapshots, count)
     return web.json_response({"replicas": [r.to_json() for r in started]}, status=202)
 
 

@@ -7,7 +7,7 @@ agent is and how to authenticate (the router's `[[agents]]`, or a buffer host's 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,8 +130,18 @@ class AgentClient:
         doc = await self._call("GET", "/v1/replicas")
         return [ReplicaInfo.from_json(r) for r in (doc or {}).get("replicas", [])]
 
-    async def create_replicas(self, snapshot: str, count: int = 1) -> list[ReplicaInfo]:
-        doc = await self._call("POST", "/v1/replicas", {"snapshot": snapshot, "count": count})
+    async def create_replicas(
+        self, snapshot: str | Sequence[str], count: int = 1
+    ) -> list[ReplicaInfo]:
+        """Start count replicas of snapshot, or of the first of several snapshots (one per host
+        type, preferred first) that the agent holds and its host can restore."""
+        if isinstance(snapshot, str) or len(snapshot) == 1:
+            which: dict[str, Any] = {
+                "snapshot": snapshot if isinstance(snapshot, str) else snapshot[0]
+            }
+        else:
+            which = {"snapshots": list(snapshot)}
+        doc = await self._call("POST", "/v1/replicas", {**which, "count": count})
         return [ReplicaInfo.from_json(r) for r in (doc or {}).get("replicas", [])]
 
     async def get_replica(self, replica_id: str) -> ReplicaInfo:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -83,7 +83,7 @@ class BufferedPlacement:
         held = self._held.get(name)
         return held.client if held else None
 
-    async def place(self, snapshot: str) -> tuple[AgentClient, ReplicaInfo]:
+    async def place(self, snapshot: str | Sequence[str]) -> tuple[AgentClient, ReplicaInfo]:
         """Start one replica of `snapshot`: on a held host with a spare slot, else on a host
         taken from the buffer. Raises AgentError when neither worked (the router backs off)."""
         started = time.monotonic()
@@ -145,7 +145,7 @@ class BufferedPlacement:
         self._held[client.name] = held
         return held
 
-    async def _start(self, held: Held, snapshot: str) -> ReplicaInfo:
+    async def _start(self, held: Held, snapshot: str | Sequence[str]) -> ReplicaInfo:
         replicas = await held.client.create_replicas(snapshot, 1)
         if not replicas:
             raise AgentError(held.client.name, "accepted the replica but returned none", 500)

@@ -11,6 +11,7 @@ The file's shape:
 
     [models.tiny]                 # one table per public model name: ModelConfig fields
     snapshot = "3f2a9c"
+    snapshots = ["7be104"]        # for hosts "3f2a9c" does not fit (another CPU baseline)
     max_replicas = 4
 
     [[agents]]                    # AgentEndpoint fields (fastboot.buffer.agents)
@@ -46,6 +47,10 @@ class ModelConfig:
     name: str
     #: Snapshot id (or a unique prefix) the agents restore for this model.
     snapshot: str
+    #: More snapshots of the model, for hosts `snapshot` does not fit (other CPUs: one per
+    #: `--fastboot-cpu-baseline`, other GPUs), in order of preference after it: each agent
+    #: restores the first one it holds that its host can restore.
+    snapshots: tuple[str, ...] = ()
     #: The name the engine serves, when it differs from `name`; None: as the agent reports it.
     served_model_name: str | None = None
     #: Replicas kept at all times (0 allows scale to zero).
@@ -78,6 +83,11 @@ class ModelConfig:
     #: A replica that is not ready this long after placement is failed and replaced
     #: (Knative progress-deadline 600 s).
     boot_timeout_s: float = 600.0
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        """snapshot, then snapshots: what a placement offers an agent."""
+        return (self.snapshot, *self.snapshots)
 
     @property
     def floor(self) -> int:
@@ -203,8 +213,12 @@ def config_from_dict(
     _expect_mapping(models_doc, f"{source}: [models]")
     models = []
     for name, table in models_doc.items():
-        _expect_mapping(table, f"{source}: models.{name}")
-        models.append(_build(ModelConfig, {"name": str(name), **table}, f"{source}: models.{name}"))
+        where = f"{source}: models.{name}"
+        _expect_mapping(table, where)
+        table = dict(table)
+        if "snapshots" in table:
+            table["snapshots"] = _strings(table["snapshots"], f"{where}.snapshots")
+        models.append(_build(ModelConfig, {"name": str(name), **table}, where))
 
     agents = []
     for index, table in enumerate(document.get("agents") or ()):
@@ -270,6 +284,12 @@ def validate(config: RouterConfig, source: str = "config") -> None:
             raise ConfigError(f"{source}: agent url {agent.url!r} must start with http(s)://")
     if not 0 < config.port < 65536:
         raise ConfigError(f"{source}: port {config.port} is out of range")
+
+
+def _strings(value: object, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{where} must be a list of snapshot ids, not {value!r}")
+    return tuple(value)
 
 
 def _resolve(base: Path, value: object) -> Path:

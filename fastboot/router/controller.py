@@ -167,9 +167,9 @@ class Controller:
         if not snapshot:
             return None
         for pool in self.pools.values():
-            wanted = pool.config.snapshot
-            if snapshot.startswith(wanted) or wanted.startswith(snapshot):
-                return pool
+            for wanted in pool.config.candidates:
+                if snapshot.startswith(wanted) or wanted.startswith(snapshot):
+                    return pool
         return None
 
     # --- placement -------------------------------------------------------------------------
@@ -203,7 +203,7 @@ class Controller:
             while True:
                 started = self.clock()
                 try:
-                    agent, info = await self.placement.place(pool.config.snapshot)
+                    agent, info = await self.placement.place(pool.config.candidates)
                 except AgentError as exc:
                     pool.last_error = f"no replica of {pool.name} could be placed: {exc}"
                     if pool.current() > pool.target:
@@ -222,7 +222,7 @@ class Controller:
                     pool.name,
                     info.id,
                     agent.name,
-                    pool.config.snapshot,
+                    info.snapshot,
                 )
                 break
         finally:

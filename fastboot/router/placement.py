@@ -37,8 +37,10 @@ class Placement:
             return -1
         return int(doc.get("slots_free", 0) or 0)
 
-    async def place(self, snapshot: str) -> tuple[AgentClient, ReplicaInfo]:
-        """Start one replica of `snapshot` on the first agent that takes it.
+    async def place(self, snapshot: str | Sequence[str]) -> tuple[AgentClient, ReplicaInfo]:
+        """Start one replica of `snapshot` on the first agent that takes it. Several ids are
+        one model's snapshots for different host types: each agent restores the first of them
+        that its host can (a 422 from an agent whose host fits none sends the replica on).
 
         Raises AgentError naming every agent's reason when none could.
         """
