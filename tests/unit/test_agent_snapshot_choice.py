@@ -58,7 +58,7 @@ def test_the_first_snapshot_that_fits_this_host_is_chosen(
 
 
 def test_none_fitting_or_none_held_says_why(manager: replicas.ReplicaManager) -> None:
-    with pytest.raises(SnapshotInvalid, match="aaa111 does not fit this host.*amx_future"):
+    with pytest.raises(SnapshotInvalid, match=r"aaa111 does not fit this host.*amx_future"):
         manager.choose(["aaa111", "missing"])
     with pytest.raises(replicas.NotFound, match="no snapshot 'missing'"):
         manager.choose(["missing"])
