@@ -135,12 +135,13 @@ CPU_REPORT_METHOD = "fastboot_cpu_report"
 
 
 def add_cpu_report() -> bool:
-    """Give vLLM's workers the method CPU_REPORT_METHOD; idempotent. False when this vLLM has
-    no WorkerWrapperBase (nothing to add to)."""
-    try:
-        from vllm.v1.worker.worker_base import WorkerWrapperBase
-    except ImportError:
+    """Give vLLM's workers the method CPU_REPORT_METHOD; idempotent. False in a process without
+    workers: every process with one has imported worker_base before plugins load (the
+    executors import it; it loads plugins itself), so the API server is spared its import."""
+    worker_base = sys.modules.get("vllm.v1.worker.worker_base")
+    if worker_base is None or not hasattr(worker_base, "WorkerWrapperBase"):
         return False
+    WorkerWrapperBase = worker_base.WorkerWrapperBase
     if not hasattr(WorkerWrapperBase, CPU_REPORT_METHOD):
 
         def fastboot_cpu_report(self: Any) -> dict[str, Any]:

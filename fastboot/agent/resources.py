@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass, field
@@ -95,10 +96,12 @@ def probe(slots: int | None = None) -> Resources:
     )
 
 
+@functools.cache
 def host() -> dict[str, Any]:
     """What snapshots restore here depends on, engine aside (fastboot.snapshot.fingerprint):
     the CPU's model, x86-64 level and flags, architecture, kernel, glibc and Python. A
-    router or operator reads it to tell the host types of a fleet apart."""
+    router or operator reads it to tell the host types of a fleet apart. Read once: none of it
+    changes while the agent runs."""
     found = fingerprint.current("")
     return {
         "cpu_model": found.cpu_model,

@@ -21,13 +21,14 @@ from fastboot.boot.site import INNER_PORT, IsolatedSite
 from fastboot.engines import hooks
 from fastboot.host import netns
 from fastboot.host.supervisor import become_subreaper, stop_all
+from fastboot.snapshot import cpu_levels
 from fastboot.snapshot.digests import DigestCache
 from fastboot.snapshot.key import model_identity, snapshot_key
 from fastboot.snapshot.store import Manifest, Store
 from fastboot.snapshot.take import Target
 
 #: The CPU baseline `fastboot snapshot create` holds engines to unless told (docs/snapshots.md).
-DEFAULT_CREATE_BASELINE = "native"
+DEFAULT_CREATE_BASELINE = cpu_levels.NATIVE
 #: Links of the throw-away namespaces isolated snapshots are taken in (one /30 per process).
 SNAPSHOT_SUBNET = "10.212.0.0/16"
 

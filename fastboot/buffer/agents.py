@@ -135,12 +135,9 @@ class AgentClient:
     ) -> list[ReplicaInfo]:
         """Start count replicas of snapshot, or of the first of several snapshots (one per host
         type, preferred first) that the agent holds and its host can restore."""
-        if isinstance(snapshot, str) or len(snapshot) == 1:
-            which: dict[str, Any] = {
-                "snapshot": snapshot if isinstance(snapshot, str) else snapshot[0]
-            }
-        else:
-            which = {"snapshots": list(snapshot)}
+        ids = [snapshot] if isinstance(snapshot, str) else list(snapshot)
+        # One id in the form every agent version takes.
+        which = {"snapshot": ids[0]} if len(ids) == 1 else {"snapshots": ids}
         doc = await self._call("POST", "/v1/replicas", {**which, "count": count})
         return [ReplicaInfo.from_json(r) for r in (doc or {}).get("replicas", [])]
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from fastboot.cli import engine_choice
 from fastboot.cli.engine_argv import FlagSpec
 from fastboot.serve import ServeConfig, serve
+from fastboot.snapshot import cpu_levels
 
 FLAGS = [
     *engine_choice.FLAGS,
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         refresh=bool(split.fastboot.get("refresh")),
         hooks=str(split.fastboot["hooks"]) if "hooks" in split.fastboot else None,
         isolated=bool(split.fastboot.get("isolated")),
-        cpu_baseline=str(split.fastboot.get("cpu-baseline", "native")),
+        cpu_baseline=str(split.fastboot.get("cpu-baseline", cpu_levels.NATIVE)),
         env_image=str(split.fastboot["env-image"]) if "env-image" in split.fastboot else None,
         weights_image=(
             str(split.fastboot["weights-image"]) if "weights-image" in split.fastboot else None

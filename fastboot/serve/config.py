@@ -13,6 +13,7 @@ from fastboot import engines, envs
 from fastboot.boot import sequence
 from fastboot.host.signals import Stop, already_stopping, captured_signals
 from fastboot.host.supervisor import EngineTree, stop_all
+from fastboot.snapshot import cpu_levels
 from fastboot.snapshot.store import Store
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class ServeConfig:
     for env_image."""
     environment: dict[str, Any] | None = None
     """The env image in the snapshot key (index digest and mountpoint). Set by serve()."""
-    cpu_baseline: str = "native"
+    cpu_baseline: str = cpu_levels.NATIVE
     """The x86-64 level the engine's code is held to (fastboot.snapshot.cpu_levels)."""
 
     @property

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fastboot import __version__
+from fastboot.snapshot import cpu_levels
 from fastboot.snapshot.digests import DigestCache, file_digest
 from fastboot.snapshot.store import SnapshotId
 
@@ -57,7 +58,7 @@ def snapshot_key(
     environment: dict[str, Any] | None = None,
     layout: str | None = None,
     engine_options: dict[str, Any] | None = None,
-    cpu_baseline: str = "native",
+    cpu_baseline: str = cpu_levels.NATIVE,
     environ: Mapping[str, str] = os.environ,
 ) -> tuple[SnapshotId, dict[str, Any]]:
     """The snapshot's id and the key parts it is the digest of.
@@ -82,7 +83,7 @@ def snapshot_key(
         key["layout"] = layout
     if engine_options:
         key["engine_options"] = engine_options
-    if cpu_baseline != "native":
+    if cpu_baseline != cpu_levels.NATIVE:
         key["cpu_baseline"] = cpu_baseline
     return key_id(key), key
 
