@@ -32,7 +32,7 @@ from fastboot.errors import FastbootError
 from fastboot.host import iouring
 from fastboot.snapshot import cpu_levels, fingerprint
 from fastboot.snapshot import criu as criu_mod
-from fastboot.snapshot.store import Manifest, Store
+from fastboot.snapshot.store import Manifest, SnapshotInvalid, Store
 
 MODES = ("auto", "cpu", "gpu", "imagefs", "all")
 
@@ -51,6 +51,8 @@ class Check:
     """What to do when not ok."""
     needed_by: tuple[str, ...] = ()
     """Modes that cannot work without it."""
+    items: tuple[str, ...] = ()
+    """One line per thing found (each snapshot in the store), printed under the check."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -351,35 +353,39 @@ def check_cpu_level() -> Check:
 
 def check_snapshots(root: Path | None = None) -> Check:
     """Which snapshots in the store restore on this host, and why the others do not (the
-    same verdict the boot sequence reaches, without verifying every file)."""
+    same verdict the boot sequence reaches, without verifying every file): one line each, with
+    the CPU baseline it was made at."""
     root = root or envs.snapshot_dir()
     found = Store(root).list()
     if not found:
         return Check("snapshots", True, f"none in {root}")
-    fits, refused = 0, []
-    hosts: dict[str, fingerprint.Fingerprint] = {}
-    for manifest in found:
-        if not isinstance(manifest, Manifest):
-            refused.append(f"invalid ({manifest})")
-            continue
-        try:
-            engine = engines.get(
-                str(manifest.key.get("engine", engines.DEFAULT)),
-                manifest.key.get("engine_options"),
-            )
-            which = f"{engine.NAME} {engine.version()}"
-        except FastbootError as exc:
-            refused.append(f"{manifest.id[:12]}: {exc}")
-            continue
-        host = hosts.setdefault(which, fingerprint.current(which, gpu=True))
-        if why := fingerprint.incompatibility(manifest.fingerprint, host):
-            refused.append(f"{manifest.id[:12]}: {why}")
-        else:
-            fits += 1
+    lines = [snapshot_verdict(manifest) for manifest in found]
+    fits = sum(1 for ok, _ in lines if ok)
     detail = f"{fits} of {len(found)} in {root} restore here"
-    if refused:
-        detail += "; " + "; ".join(refused[:3]) + (" ..." if len(refused) > 3 else "")
-    return Check("snapshots", True, detail)
+    return Check("snapshots", True, detail, items=tuple(line for _, line in lines))
+
+
+def snapshot_verdict(manifest: Manifest | SnapshotInvalid) -> tuple[bool, str]:
+    """(restores here, "ID MODEL baseline LEVEL: restores here" or ": REASON")."""
+    if not isinstance(manifest, Manifest):
+        return False, f"invalid: {manifest}"
+    baseline = manifest.key.get("cpu_baseline", cpu_levels.NATIVE)
+    name = f"{manifest.id[:12]} {manifest.model_name or '?'} baseline {baseline}"
+    try:
+        engine = engines.get(
+            str(manifest.key.get("engine", engines.DEFAULT)), manifest.key.get("engine_options")
+        )
+        host = _host_fingerprint(f"{engine.NAME} {engine.version()}")
+    except FastbootError as exc:
+        return False, f"{name}: {exc}"
+    if why := fingerprint.incompatibility(manifest.fingerprint, host):
+        return False, f"{name}: {why}"
+    return True, f"{name}: restores here"
+
+
+@functools.cache
+def _host_fingerprint(engine: str) -> fingerprint.Fingerprint:
+    return fingerprint.current(engine, gpu=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -69,9 +69,10 @@ def create_snapshot(
     log: Path,
     timeout_s: float = 900,
     argv: Sequence[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> str:
     """`fastboot snapshot create` of model (or of argv, create's whole command line) into
-    snapshots; returns the snapshot id."""
+    snapshots, with env added to this process's; returns the snapshot id."""
     command = [sys.executable, "-m", "fastboot", "snapshot", "--dir", str(snapshots), "create"]
     with log.open("wb") as out:
         result = subprocess.run(
@@ -80,6 +81,7 @@ def create_snapshot(
             stderr=out,
             timeout=timeout_s,
             check=False,
+            env={**os.environ, **(env or {})},
         )
     if result.returncode != 0:
         raise AssertionError(f"snapshot create failed ({result.returncode}):\n{log_tail(log)}")

@@ -40,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
         if not c.ok and c.fix:
             line += f"  -> fix: {c.fix}"
         print(line)
+        for item in c.items:
+            print(f"{'':<4}  {'':<{width}}    {item}")
     verdict = "ready" if not failures else f"not ready ({', '.join(c.name for c in failures)})"
     print(f"mode {mode}: {verdict}")
     return 1 if failures else 0

@@ -43,17 +43,24 @@ def test_a_snapshot_held_to_v2_fits_v2_v3_v4_hosts_and_no_host_missing_a_v2_feat
 def test_the_doctor_says_which_snapshots_restore_here(tmp_path: Path) -> None:
     store = Store(tmp_path)
     here = fingerprint.current(f"vllm {engines.get('vllm').version()}", gpu=True)
-    for snapshot_id, fp in (
-        ("fitsfitsfits", here),
-        ("newkernelnewk", dataclasses.replace(here, kernel="99.1.0-future")),
+    v2 = tuple(sorted(cpu_levels.X86_64_V2))
+    for snapshot_id, fp, baseline in (
+        ("fitsfitsfits", here, None),
+        ("newkernelnewk", dataclasses.replace(here, kernel="99.1.0-future"), None),
+        ("v2v2v2v2v2v2", dataclasses.replace(here, cpu_flags=v2), "x86-64-v2"),
+        ("armarmarmarm", dataclasses.replace(here, machine="aarch64"), None),
     ):
         with store.partial(SnapshotId(snapshot_id)) as partial:
             (partial / "pages-1.img").write_bytes(b"pages")
-            store.publish(partial, _manifest(snapshot_id, fp))
+            store.publish(partial, _manifest(snapshot_id, fp, baseline))
     check = doctor.check_snapshots(tmp_path)
     assert check.ok
-    assert check.detail.startswith(f"1 of 2 in {tmp_path} restore here")
-    assert "newkernelnew: kernel differs" in check.detail
+    assert check.detail == f"2 of 4 in {tmp_path} restore here"
+    lines = {line.split()[0]: line for line in check.items}
+    assert lines["fitsfitsfits"] == "fitsfitsfits tiny baseline native: restores here"
+    assert lines["v2v2v2v2v2v2"] == "v2v2v2v2v2v2 tiny baseline x86-64-v2: restores here"
+    assert "kernel" in lines["newkernelnew"] and "restores here" not in lines["newkernelnew"]
+    assert "aarch64" in lines["armarmarmarm"]
     assert doctor.check_snapshots(tmp_path / "none").detail.startswith("none in")
 
 
@@ -64,10 +71,14 @@ def test_the_doctor_names_this_cpus_level() -> None:
     assert check.ok and (level is None or check.detail.startswith(level))
 
 
-def _manifest(snapshot_id: str, fp: fingerprint.Fingerprint) -> Manifest:
+def _manifest(snapshot_id: str, fp: fingerprint.Fingerprint, baseline: str | None) -> Manifest:
+    key = {"engine": "vllm", "engine_version": "0", "model": {}}
+    if baseline:
+        key["cpu_baseline"] = baseline
     return Manifest(
         id=SnapshotId(snapshot_id),
-        key={"engine": "vllm", "engine_version": "0", "model": {}},
+        key=key,
+        model_name="tiny",
         fingerprint=fp,
         oracle={"token_ids": [1]},
         created=1.0,
