@@ -141,7 +141,12 @@ def kernel_incompatibility(snapshot: str, host: str) -> str | None:
     itself and `criu restore` fails, cleanly, where the kernel lacks a feature it needs
     (fastboot then cold boots). So a host kernel of the same or a newer major.minor is
     accepted whatever its build string; an older one, or a release that is not a version, is
-    refused."""
+    refused.
+
+    The files a restored process maps (glibc, Python, torch, the engine's libraries) are not
+    trusted by version string alone: CRIU compares each mapped ELF file's build-id with the
+    dumped one at restore (`--file-validation buildid`, its default) and fails the restore
+    where one was rebuilt (tests/integration/test_mapped_files.py)."""
     theirs, ours = kernel_version(snapshot), kernel_version(host)
     if snapshot == host or (theirs and ours and ours >= theirs):
         return None
