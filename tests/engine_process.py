@@ -216,11 +216,14 @@ class FastbootRun:
 
 @contextlib.contextmanager
 def serving(run: FastbootRun, pattern: str, deadline_s: float) -> Iterator[FastbootRun]:
-    """run, once its log has a line matching pattern; killed on the way out if still running
-    (tests that stop it themselves check how it stopped)."""
+    """run, once its log has a line matching pattern; stopped on the way out if still running
+    (tests that stop it themselves check how it stopped). Ctrl-C first, so fastboot stops its
+    engine too (a restored engine runs in its own session, out of reach of killpg), then
+    SIGKILL if it does not exit."""
     try:
         run.wait_for(pattern, deadline_s)
         yield run
     finally:
         if run.proc.poll() is None:
-            run.kill()
+            with contextlib.suppress(AssertionError):  # interrupt() has killed it by then
+                run.interrupt(signal.SIGINT, deadline_s=30)

@@ -16,6 +16,8 @@ import argparse
 import ctypes
 import json
 import os
+import signal
+import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 LIBRARY = ctypes.CDLL(os.environ["MAPPED_LIBRARY"])
@@ -50,6 +52,9 @@ def main() -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args()
+    # fastboot stops an engine with SIGTERM; as pid 1 of its namespace this process would
+    # ignore it without a handler (the kernel delivers nothing else to a namespace's init).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     ThreadingHTTPServer((args.host, args.port), Handler).serve_forever()
     return 0
 
