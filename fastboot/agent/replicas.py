@@ -68,6 +68,9 @@ class AgentConfig:
     """Replica logs and CRIU work directories."""
     slots: int
     subnet: str = netns.DEFAULT_SUBNET
+    routes: tuple[str, ...] = ()
+    """Networks replicas answer through the host (a router on another machine); the network
+    routes `subnet` to this host, as a host-gateway CNI routes each node's pod range."""
     limits: Limits = field(default_factory=Limits)
     ready_timeout_s: float = sequence.RESTORE_TIMEOUT_S
     """How long a restored replica may take to answer."""
@@ -273,6 +276,7 @@ class ReplicaManager:
             f"{self.config.link_prefix}{replica.index}",
             self.config.subnet,
             replica.index,
+            self.config.routes,
         )
         replica.log = self._log(replica)
 

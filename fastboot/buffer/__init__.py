@@ -2,6 +2,8 @@
 
 - `lp`: how many idle hosts to keep per host type (`solve`, `BufferSizer` re-solves live).
 - `hosts`: the host lifecycle state machine and the `Provider` protocol (`StaticProvider`).
+- `kubernetes`: `KubernetesProvider`, GPU nodes held by balloon pods (import it from its module;
+  it needs the `kubernetes` client, `pip install 'fastboot[router]'`).
 - `health`: the two tiers of health checks (short on boot/assignment, deep on idle hosts).
 - `manager`: `BufferManager`, which keeps the buffer at its targets and hands hosts out.
 - `agents`: `AgentClient`, the client of each host's agent (`AgentEndpoint`: where it is and

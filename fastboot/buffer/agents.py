@@ -118,8 +118,9 @@ class AgentClient:
             reason = str(exc) or type(exc).__name__
             raise AgentError(self.name, f"{method} {path} failed: {reason}") from exc
 
-    async def health(self) -> dict[str, Any]:
-        doc: dict[str, Any] = await self._call("GET", "/v1/health")
+    async def health(self, timeout_s: float | None = None) -> dict[str, Any]:
+        timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s is not None else None
+        doc: dict[str, Any] = await self._call("GET", "/v1/health", timeout=timeout)
         return doc
 
     async def resources(self) -> dict[str, Any]:

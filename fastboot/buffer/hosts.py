@@ -7,8 +7,9 @@
     any live state -> quarantined (with the reason) -> released (by an operator, never assigned)
 
 A `Provider` acquires and releases hosts of a host type; `StaticProvider` hands out a fixed list
-of agents (address + token) from the config, the embedded default. Kubernetes is designed in
-launchers/kubernetes/README.md.
+of agents (address + token) from the config, the embedded default; `KubernetesProvider`
+(fastboot.buffer.kubernetes) hands out GPU nodes held by balloon pods and, through its optional
+`quarantine(spec, reason)`, taints and cordons the nodes the manager quarantines.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NewType, Protocol, Self
 
+import aiohttp
 import yaml
 
-from fastboot.errors import IllegalTransitionError, UsageError
+from fastboot.buffer.agents import DEAD, FAILED, STOPPED, AgentClient, AgentEndpoint
+from fastboot.errors import AgentError, IllegalTransitionError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +150,16 @@ class Provider(Protocol):
         ...
 
 
+#: Seconds a lost host's agent gets for each call of its rejoin.
+REJOIN_PROBE_S = 1.0
+
+
 class StaticProvider:
     """A fixed list of agents from the config: acquiring hands out one not in use.
 
     Quarantined hosts are never released by the BufferManager, so they are never handed out again.
+    A lost host (its agent went silent) is handed out again only once its agent answers: a
+    restarted agent or a healed partition rejoins the buffer through the usual short check.
     """
 
     def __init__(self, hosts: Iterable[HostSpec]) -> None:
@@ -159,6 +168,7 @@ class StaticProvider:
         if len(set(names)) != len(names):
             raise UsageError(f"static hosts must have distinct names (got {names})")
         self._in_use: set[str] = set()
+        self._lost: set[str] = set()
         self._lock = asyncio.Lock()
 
     @classmethod
@@ -209,14 +219,50 @@ class StaticProvider:
     async def acquire(self, host_type: str) -> HostSpec | None:
         async with self._lock:
             for spec in self.hosts:
-                if spec.host_type == host_type and spec.name not in self._in_use:
-                    self._in_use.add(spec.name)
-                    return spec
+                if spec.host_type != host_type or spec.name in self._in_use:
+                    continue
+                if spec.name in self._lost:
+                    if not await rejoin(spec, REJOIN_PROBE_S):
+                        continue
+                    log.info("lost host %s answers again: it rejoins", spec.name)
+                    self._lost.discard(spec.name)
+                self._in_use.add(spec.name)
+                return spec
         return None
 
     async def release(self, spec: HostSpec) -> None:
         async with self._lock:
             self._in_use.discard(spec.name)
 
+    async def lost(self, spec: HostSpec) -> None:
+        """Take back a host whose agent went silent; it rejoins once the agent answers."""
+        async with self._lock:
+            self._in_use.discard(spec.name)
+            self._lost.add(spec.name)
+
     def supply(self, host_type: str) -> int | None:
-        return sum(1 for h in self.hosts if h.host_type == host_type and h.name not in self._in_use)
+        return sum(
+            1
+            for h in self.hosts
+            if h.host_type == host_type and h.name not in self._in_use | self._lost
+        )
+
+
+async def rejoin(spec: HostSpec, timeout_s: float) -> bool:
+    """Whether a lost host's agent answers again (within timeout_s a call); if so, the replicas
+    it still runs (a healed partition: nobody routes to them any more) are deleted first, so the
+    host comes back empty, as a buffer host must."""
+    endpoint = AgentEndpoint(url=spec.address, token=spec.token, name=spec.name)
+    async with aiohttp.ClientSession() as session:
+        client = AgentClient(endpoint, session, timeout_s)
+        try:
+            await client.health()
+            for stale in await client.list_replicas():
+                if stale.state in (STOPPED, FAILED, DEAD):
+                    continue
+                log.info("host %s: deleting replica %s left from before", spec.name, stale.id)
+                await client.delete_replica(stale.id)
+        except AgentError as exc:
+            log.debug("lost host %s does not rejoin yet: %s", spec.name, exc)
+            return False
+    return True

@@ -12,13 +12,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
 from fastboot.buffer.health import CheckResult, HealthCheck, Outcome
-from fastboot.buffer.hosts import Host, HostId, HostState, Provider
+from fastboot.buffer.hosts import Host, HostId, HostSpec, HostState, Provider
 from fastboot.errors import NoHostAvailableError
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class BufferConfig:
 class BufferEvent:
     """Something listeners may act on (metrics, the LP sizer's triggers)."""
 
-    kind: str  #: idle | assigned | empty | quarantined | released | no-supply
+    kind: str  #: idle | assigned | empty | quarantined | released | lost | no-supply
     host_type: str  #: the host type concerned
     host: str = ""  #: host name, when one host is concerned
     detail: str = ""  #: check result or reason
@@ -210,6 +210,27 @@ class BufferManager:
     def quarantine(self, host: Host, reason: str) -> None:
         """Take a host out of service (a passive signal: Xid, a crashed replica)."""
         self._quarantine(host, CheckResult("manual", Outcome.FAIL, reason))
+
+    async def lost(self, host: Host, reason: str) -> None:
+        """An assigned host stopped answering (crashed, powered off, partitioned). It leaves the
+        books at once, not through a recycle check that would wait on it and then quarantine it
+        for good: the provider gets it back marked lost, to hand out again only once its agent
+        answers (StaticProvider) or to replace it (a cloud provider releases it)."""
+        host.move(HostState.DRAINING, f"lost: {reason}")
+        host.move(HostState.RELEASED, f"lost: {reason}")
+        self._emit(BufferEvent("lost", host.host_type, host.spec.name, reason))
+        mark_lost = getattr(self.provider, "lost", None)
+        if mark_lost is None:
+            await self._provider_release(host)
+        else:
+            self._deep_due.pop(host.id, None)
+            try:
+                await mark_lost(host.spec)
+            except Exception as exc:
+                log.warning("provider failed to take back lost host %s: %s", host.spec.name, exc)
+            self.hosts.pop(host.id, None)
+            self._notify()
+        self._wake.set()  # the buffer may be short now: refill
 
     async def forget(self, host: Host) -> None:
         """Give a quarantined host back to the provider (an operator repaired or replaced it)."""
@@ -423,9 +444,20 @@ class BufferManager:
         host.move(HostState.QUARANTINED, reason)
         self._deep_due.pop(host.id, None)
         log.warning("host %s (%s) quarantined: %s", host.spec.name, host.host_type, reason)
+        # A provider that can fence the host off (Kubernetes: taint and cordon the node) does.
+        if (fence := getattr(self.provider, "quarantine", None)) is not None:
+            self._spawn(self._provider_quarantine(fence, host, reason), f"fence-{host.spec.name}")
         self._emit(BufferEvent("quarantined", host.host_type, host.spec.name, reason))
         self._notify()
         self._wake.set()
+
+    async def _provider_quarantine(
+        self, fence: Callable[[HostSpec, str], Awaitable[None]], host: Host, reason: str
+    ) -> None:
+        try:
+            await fence(host.spec, reason)
+        except Exception as exc:
+            log.warning("provider failed to quarantine host %s: %s", host.spec.name, exc)
 
     async def _give_back(self, host: Host, reason: str) -> None:
         host.move(HostState.RELEASED, reason)

@@ -9,6 +9,8 @@
 - `replica_gone(agent, replica_id)`, called by the router once a replica is deleted (or known
   gone), hands a host whose last replica is gone back to the buffer (`BufferManager.release`:
   idle again after a short check while the buffer is short, otherwise back to the provider).
+- `host_lost(agent, reason)`, called by the router when an agent went silent, drops the host
+  and its replicas from the books and hands it to the buffer as lost (`BufferManager.lost`).
 - An agent that fails the first request after its host passed its check (unreachable, 401, 5xx)
   gets its host quarantined with the reason; a request the agent rejects for the request's sake
   (unknown snapshot, bad body, full) hands the host back instead.
@@ -130,6 +132,13 @@ class BufferedPlacement:
             del self._held[agent]
         if held.host.state is HostState.ASSIGNED:
             await self.manager.release(held.host, "no replicas left")
+
+    async def host_lost(self, agent: str, reason: str) -> None:
+        """`agent` went silent: forget what runs there; its host leaves the buffer as lost."""
+        async with self._lock:
+            held = self._held.pop(agent, None)
+        if held is not None and held.host.state is HostState.ASSIGNED:
+            await self.manager.lost(held.host, reason)
 
     async def _hold(self, host: Host) -> Held:
         spec = host.spec

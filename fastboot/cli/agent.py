@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import re
 from pathlib import Path
 
@@ -39,6 +40,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--subnet", default=netns.DEFAULT_SUBNET, help="replica links (one /30 each)"
     )
     parser.add_argument(
+        "--replica-route",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="a network replicas answer through this host, e.g. the router's (repeatable); "
+        "route --subnet to this host there",
+    )
+    parser.add_argument(
         "--replica-memory", type=parse_size, default=None, help="cgroup memory limit per replica"
     )
     parser.add_argument(
@@ -71,12 +80,18 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot read --token-file {args.token_file}: {exc.strerror}") from exc
     if not token:
         raise UsageError(f"--token-file {args.token_file} is empty")
+    for network in args.replica_route:
+        try:
+            ipaddress.ip_network(network)
+        except ValueError as exc:
+            raise UsageError(f"--replica-route {network!r}: {exc}; give a CIDR") from exc
     config = AgentConfig(
         name=args.name,
         store=Store(args.snapshot_dir or envs.snapshot_dir()),
         state_dir=args.state_dir or envs.home() / f"agent-{args.name}",
         slots=args.slots if args.slots is not None else resources.probe().slots,
         subnet=args.subnet,
+        routes=tuple(args.replica_route),
         limits=Limits(args.replica_memory, args.replica_cpus),
         ready_timeout_s=args.ready_timeout,
     )

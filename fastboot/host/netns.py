@@ -16,6 +16,7 @@ import ipaddress
 import logging
 import os
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,8 +74,11 @@ def addresses(subnet: str, index: int) -> tuple[str, str]:
     return str(base + 1), str(base + 2)
 
 
-def create(netns: str, host_if: str, subnet: str, index: int) -> Link:
-    """Make netns with lo up and a veth to the host; on failure nothing is left behind."""
+def create(netns: str, host_if: str, subnet: str, index: int, routes: Sequence[str] = ()) -> Link:
+    """Make netns with lo up and a veth to the host; on failure nothing is left behind.
+
+    `routes` are networks the namespace answers through the host side of its link (the
+    router's, when it runs on another machine): without them it reaches only its /30 peer."""
     if len(host_if) > IFNAMSIZ:
         raise NetworkError(f"interface name {host_if!r} is longer than {IFNAMSIZ} bytes")
     host_ip, ip = addresses(subnet, index)
@@ -87,6 +91,8 @@ def create(netns: str, host_if: str, subnet: str, index: int) -> Link:
         _ip("link", "set", host_if, "up")
         _ip("-n", netns, "addr", "add", f"{ip}/30", "dev", "eth0")
         _ip("-n", netns, "link", "set", "eth0", "up")
+        for network in routes:
+            _ip("-n", netns, "route", "add", network, "via", host_ip)
     except BaseException:
         delete(link)
         raise

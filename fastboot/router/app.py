@@ -164,10 +164,17 @@ class Router:
                 "replicas": len(pool.replicas),
                 "queued": len(pool.queue),
                 "inflight": pool.inflight(),
+                "members": [
+                    {"id": r.id, "agent": r.agent, "state": r.state, "inflight": r.inflight}
+                    for r in pool.replicas.values()
+                ],
             }
             for name, pool in self.pools.items()
         }
-        return web.json_response({"status": "ok", "models": models})
+        doc: dict[str, Any] = {"status": "ok", "models": models}
+        if (buffer := self.controller.buffer_hosts()) is not None:
+            doc["buffer"] = buffer
+        return web.json_response(doc)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         body = self.metrics.render()
@@ -336,7 +343,7 @@ class Router:
         queued_s = dispatched - waiter.enqueued if waiter is not None else 0.0
         pre = dispatched - arrived - queued_s
         try:
-            async with asyncio.timeout(timeouts.first_byte_s):
+            async with replica.bounded(timeouts.first_byte_s):
                 response = await upstream.session.post(
                     upstream.address + request.path, data=body, headers=headers
                 )
@@ -344,7 +351,9 @@ class Router:
             # Nothing reached the engine: safe to send the request to another replica.
             self.controller.replica_failed(pool, replica, f"cannot connect: {exc}")
             raise _Retry from exc
-        except TimeoutError:
+        except TimeoutError as exc:
+            if replica.lost:
+                raise _Retry from exc  # aborted: its host is gone and it sent nothing
             return self._finish(
                 pool.name,
                 error_response(
@@ -357,6 +366,9 @@ class Router:
                 arrived,
             )
         except aiohttp.ClientError as exc:
+            if replica.lost:
+                # Its host is gone and it sent nothing: another replica answers instead.
+                raise _Retry from exc
             return self._crashed(pool, replica, exc, arrived)
         try:
             out_headers = CIMultiDict(
@@ -364,9 +376,11 @@ class Router:
             )
             if response.content_type != "text/event-stream":
                 try:
-                    async with asyncio.timeout(timeouts.idle_s):
+                    async with replica.bounded(timeouts.idle_s):
                         payload = await response.read()
-                except TimeoutError:
+                except TimeoutError as exc:
+                    if replica.lost:
+                        return self._crashed(pool, replica, exc, arrived)
                     return self._idle_timeout(pool, replica, arrived)
                 except aiohttp.ClientError as exc:
                     return self._crashed(pool, replica, exc, arrived)
@@ -402,7 +416,7 @@ class Router:
         content = response.content
         try:
             while True:
-                async with asyncio.timeout(idle):
+                async with replica.bounded(idle):
                     chunk = await content.readany()
                 if not chunk:
                     break
@@ -411,9 +425,13 @@ class Router:
                     first = False
                 await out.write(chunk)
         except TimeoutError:
-            logger.warning("%s replica %s: stream idle for %g s", pool.name, replica.id, idle)
-            message = f"replica {replica.id} sent nothing for {idle:g} s"
-            await self._write_quietly(out, sse_error(message, "upstream_timeout"), eof=False)
+            if replica.lost:
+                message = f"the host of replica {replica.id} of {pool.name} was lost; retry"
+                await self._write_quietly(out, sse_error(message, "replica_failed"), eof=False)
+            else:
+                logger.warning("%s replica %s: stream idle for %g s", pool.name, replica.id, idle)
+                message = f"replica {replica.id} sent nothing for {idle:g} s"
+                await self._write_quietly(out, sse_error(message, "upstream_timeout"), eof=False)
         except aiohttp.ClientError as exc:
             self.controller.replica_failed(pool, replica, f"stream broke: {exc}")
             await self._write_quietly(

@@ -18,6 +18,12 @@ The file's shape:
     url = "http://10.0.0.5:8700"
     token_file = "/etc/fastboot/agent.token"
 
+    [buffer]                      # BufferSection: hosts from a buffer instead of [[agents]]
+    provider = "kubernetes"       # or "static" (the default) with hosts_file = "hosts.yaml"
+    host_type = "h100"
+    [buffer.kubernetes]           # KubernetesSettings fields (fastboot.buffer.kubernetes)
+    max_nodes = {h100 = 16}
+
 YAML has the same keys (`router:`, `models:`, `agents:`).
 """
 
@@ -34,6 +40,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fastboot.buffer.agents import AgentEndpoint
+from fastboot.buffer.kubernetes import KubernetesSettings
 from fastboot.errors import ConfigError
 
 T = TypeVar("T")
@@ -113,6 +120,13 @@ class TimeoutConfig:
     idle_s: float = 60.0
     #: Agent API calls other than the ready long poll.
     agent_s: float = 10.0
+    #: Seconds between liveness probes of each agent that runs routed replicas (fastboot's
+    #: choice: a lost host costs at most this plus `host_lost_s` of misrouted requests).
+    host_probe_s: float = 0.5
+    #: An agent silent this long (no answer to any probe; an error answer counts as alive) has
+    #: lost its host: its replicas are replaced elsewhere and their requests aborted. Above a
+    #: few probe intervals, so one dropped probe on a loaded host is not a loss.
+    host_lost_s: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -120,12 +134,17 @@ class BufferSection:
     """Take agents from a buffer of health-checked idle hosts instead of a fixed list
     (fastboot.buffer; docs/buffer.md)."""
 
-    #: YAML file with a top-level `hosts:` list (name, address, token or token_file, ...).
+    #: YAML file with a top-level `hosts:` list (name, address, token or token_file, ...);
+    #: the static provider only.
     hosts_file: str = ""
     #: Host type the models run on (the buffer keeps `target` idle hosts of it).
     host_type: str = "cpu"
     #: Idle, checked hosts to keep ready.
     target: int = 1
+    #: Where hosts come from: "static" (hosts_file) or "kubernetes" (balloon pods).
+    provider: str = "static"
+    #: The Kubernetes provider's settings ([buffer.kubernetes]).
+    kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
 
 
 @dataclass(frozen=True)
@@ -251,12 +270,45 @@ def _buffer_section(table: Any, base: Path, source: str) -> BufferSection | None
         return None
     where = f"{source}: [buffer]"
     _expect_mapping(table, where)
+    table = dict(table)
+    kubernetes = table.pop("kubernetes", None)
     section = _build(BufferSection, table, where)
-    if not section.hosts_file:
-        raise ConfigError(f"{where}: set hosts_file (a YAML file with a `hosts:` list)")
     if section.target < 0:
         raise ConfigError(f"{where}: target must be >= 0")
-    return dataclasses.replace(section, hosts_file=str(_resolve(base, section.hosts_file)))
+    if section.provider == "static":
+        if kubernetes is not None:
+            raise ConfigError(f'{where}: [buffer.kubernetes] needs provider = "kubernetes"')
+        if not section.hosts_file:
+            raise ConfigError(f"{where}: set hosts_file (a YAML file with a `hosts:` list)")
+        return dataclasses.replace(section, hosts_file=str(_resolve(base, section.hosts_file)))
+    if section.provider != "kubernetes":
+        raise ConfigError(
+            f'{where}: provider must be "static" or "kubernetes", not {section.provider!r}'
+        )
+    if section.hosts_file:
+        raise ConfigError(f'{where}: hosts_file is for provider = "static"; remove it')
+    return dataclasses.replace(section, kubernetes=_kubernetes(kubernetes or {}, base, where))
+
+
+def _kubernetes(table: Any, base: Path, where: str) -> KubernetesSettings:
+    where = f"{where}.kubernetes"
+    _expect_mapping(table, where)
+    table = dict(table)
+    max_nodes = table.get("max_nodes", {})
+    _expect_mapping(max_nodes, f"{where}.max_nodes")
+    for host_type, most in max_nodes.items():
+        if isinstance(most, bool) or not isinstance(most, int) or most < 0:
+            raise ConfigError(f"{where}.max_nodes.{host_type} must be an integer >= 0")
+    table["max_nodes"] = dict(max_nodes)
+    if table.get("kubeconfig"):
+        kubeconfig = _coerce(table["kubeconfig"], str, f"{where}.kubeconfig")
+        table["kubeconfig"] = str(_resolve(base, kubeconfig))
+    try:
+        return _build(KubernetesSettings, table, where)
+    except ConfigError as exc:
+        if str(exc).startswith(where):
+            raise
+        raise ConfigError(f"{where}: {exc}") from exc  # from KubernetesSettings' own checks
 
 
 def validate(config: RouterConfig, source: str = "config") -> None:

@@ -7,6 +7,13 @@
   routing at once, deleted through its agent and replaced if still wanted.
 - On start, replicas the agents already run for a configured snapshot are adopted (a restarted
   router does not restore everything again).
+- Every agent that runs routed replicas is probed each `host_probe_s`; one silent for
+  `host_lost_s` has lost its host (crash, power, partition): its replicas leave routing at once,
+  their unanswered requests are aborted (the proxy sends those that got no byte yet to another
+  replica), they are replaced elsewhere (restores, through the placement), and the host leaves
+  the buffer marked lost (it may rejoin once its agent answers again). Requests alone cannot
+  tell: on a partition the kernel never resets the connections, so they would hang until the
+  first-byte timeout.
 """
 
 from __future__ import annotations
@@ -70,6 +77,9 @@ class Controller:
         self._buffered: BufferedPlacement | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
+        #: Agent name -> when it last answered (anything): host-loss detection.
+        self._heard: dict[str, float] = {}
+        self._probing: set[str] = set()
         for pool in pools.values():
             pool.scale_up = self._scale_up
             pool.retire = self._retire
@@ -85,7 +95,7 @@ class Controller:
                 AgentClient(a, self._session, self.config.timeouts.agent_s)
                 for a in self.config.agents
             ]
-            self.placement = Placement(agents)
+            self.placement = Placement(agents, self.config.timeouts.host_lost_s)
         self.placement.on_error.append(
             lambda agent, reason: self.metrics.placement_errors.labels(agent, reason).inc()
         )
@@ -99,8 +109,15 @@ class Controller:
     async def _buffered_placement(
         self, section: BufferSection, session: aiohttp.ClientSession
     ) -> BufferedPlacement:
-        """Agents come from a buffer of checked idle hosts; a host taken is refilled at once."""
-        provider = StaticProvider.from_file(Path(section.hosts_file))
+        """Agents come from a buffer of checked idle hosts; a host taken is refilled at once.
+        Hosts come from the section's provider: a static list, or Kubernetes balloon pods."""
+        from fastboot.buffer.kubernetes import KubernetesProvider
+
+        provider: StaticProvider | KubernetesProvider
+        if section.provider == "kubernetes":
+            provider = KubernetesProvider(section.kubernetes)
+        else:
+            provider = StaticProvider.from_file(Path(section.hosts_file))
         self._buffer = BufferManager(
             provider,
             short_check(),
@@ -129,6 +146,20 @@ class Controller:
             await self._buffer.stop()
         if self._session is not None:
             await self._session.close()
+
+    def buffer_hosts(self) -> list[dict[str, str]] | None:
+        """The buffer's hosts (name, type, state, reason), or None without a buffer."""
+        if self._buffer is None:
+            return None
+        return [
+            {
+                "name": h.spec.name,
+                "host_type": h.host_type,
+                "state": h.state.value,
+                "reason": h.reason,
+            }
+            for h in sorted(self._buffer.hosts.values(), key=lambda h: h.spec.name)
+        ]
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         if self._stopping:
@@ -162,6 +193,7 @@ class Controller:
                     self._open(pool, replica)
                 else:
                     self._spawn(self._watch(pool, agent, replica, self.clock()))
+        self._spawn(self._probe_loop())
 
     def _pool_for_snapshot(self, snapshot: str) -> ModelPool | None:
         if not snapshot:
@@ -274,6 +306,8 @@ class Controller:
         self._open(pool, replica)
 
     def _add(self, pool: ModelPool, agent: AgentClient, info: ReplicaInfo) -> RoutedReplica:
+        # It just answered (placed or listed the replica): the silence clock starts now.
+        self._heard[agent.name] = self.clock()
         replica = RoutedReplica(
             info.id,
             pool.name,
@@ -320,8 +354,9 @@ class Controller:
             self._spawn(self._remove(pool, replica))
 
     async def _remove(self, pool: ModelPool, replica: RoutedReplica) -> None:
-        with contextlib.suppress(AgentError):
-            await self._delete(replica)
+        if not replica.lost:  # a lost host's agent cannot answer; its rejoin cleans it
+            with contextlib.suppress(AgentError):
+                await self._delete(replica)
         replica.state = GONE
         pool.replicas.pop(replica.id, None)
         with contextlib.suppress(KeyError):
@@ -405,19 +440,93 @@ class Controller:
             for replica in pool.replicas.values():
                 if replica.state in (R_READY, DRAINING):
                     ours.setdefault(replica.agent, []).append((pool, replica))
-        for agent_name, replicas in ours.items():
-            agent = self.placement.agent(agent_name)
-            if agent is None:
+        agents = [a for name in ours if (a := self.placement.agent(name)) is not None]
+        listings = await asyncio.gather(*(self._listing(agent) for agent in agents))
+        for agent, listing in zip(agents, listings, strict=True):
+            if listing is None:
                 continue
-            try:
-                listed = {info.id: info for info in await agent.list_replicas()}
-            except AgentError as exc:
-                # An unreachable agent does not prove its replicas dead; requests will tell.
-                logger.debug("health: %s", exc)
-                continue
-            for pool, replica in replicas:
+            listed = {info.id: info for info in listing}
+            for pool, replica in ours[agent.name]:
+                if replica.state not in (R_READY, DRAINING):
+                    continue  # failed meanwhile (its host lost, a crash seen by a request)
                 info = listed.get(replica.id)
                 if info is None:
                     self._fail(pool, replica, "dead", "its agent no longer lists it")
                 elif info.state in (FAILED, DEAD, STOPPED):
                     self._fail(pool, replica, info.state, info.error or info.state)
+
+    async def _listing(self, agent: AgentClient) -> list[ReplicaInfo] | None:
+        """The agent's replicas, or None when it does not answer in time. An unreachable agent
+        does not prove its replicas dead here: the host probes decide that (host_lost_s), and
+        a silent agent must not hold up the autoscaler's tick."""
+        try:
+            async with asyncio.timeout(self.config.timeouts.host_lost_s):
+                return await agent.list_replicas()
+        except (AgentError, TimeoutError) as exc:
+            logger.debug("health: %s: %s", agent.name, exc)
+            return None
+
+    # --- host loss -------------------------------------------------------------------------
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.timeouts.host_probe_s)
+            try:
+                self.probe_hosts()
+            except Exception:
+                logger.exception("host probe round failed")
+
+    def probe_hosts(self) -> None:
+        """One round: probe each agent that runs routed replicas (one probe in flight per
+        agent), and declare lost those silent for longer than host_lost_s."""
+        busy = {
+            replica.agent
+            for pool in self.pools.values()
+            for replica in pool.replicas.values()
+            if replica.state in (BOOTING, R_READY, DRAINING)
+        }
+        for name in set(self._heard) - busy:
+            del self._heard[name]
+        now = self.clock()
+        limit = self.config.timeouts.host_lost_s
+        for name in sorted(busy):
+            heard = self._heard.setdefault(name, now)
+            if now - heard > limit:
+                self._host_lost(name, now - heard)
+            elif name not in self._probing and (agent := self.placement.agent(name)):
+                self._probing.add(name)
+                self._spawn(self._probe(agent))
+
+    async def _probe(self, agent: AgentClient) -> None:
+        try:
+            await agent.health(timeout_s=self.config.timeouts.host_lost_s)
+            answered = True
+        except AgentError as exc:
+            answered = exc.status is not None  # it answered, with an error: the host is up
+        finally:
+            self._probing.discard(agent.name)
+        if answered and agent.name in self._heard:
+            self._heard[agent.name] = self.clock()
+
+    def _host_lost(self, name: str, silent_s: float) -> None:
+        del self._heard[name]
+        lost = [
+            (pool, replica)
+            for pool in self.pools.values()
+            for replica in pool.replicas.values()
+            if replica.agent == name and replica.state not in (UNHEALTHY, GONE)
+        ]
+        logger.warning(
+            "host %s lost: its agent has not answered for %.1f s; replacing its %d replica(s)",
+            name,
+            silent_s,
+            len(lost),
+        )
+        self.metrics.host_losses.labels(name).inc()
+        reason = f"host {name} lost (agent silent for {silent_s:.1f} s)"
+        for pool, replica in lost:
+            replica.lost = True
+            replica.abort()  # every request still waiting on it ends now
+            self._fail(pool, replica, "host_lost", reason)
+        if self._buffered is not None:
+            self._spawn(self._buffered.host_lost(name, reason))

@@ -123,6 +123,12 @@ class RouterMetrics:
             ["model", "reason"],
             registry=r,
         )
+        self.host_losses = Counter(
+            "router_host_losses",
+            "Hosts declared lost: their agent silent past host_lost_s (crash, partition)",
+            ["agent"],
+            registry=r,
+        )
         self.placement_errors = Counter(
             "router_placement_errors",
             "Agents that could not take a placement (unreachable, full, refused)",

@@ -21,8 +21,11 @@ logger = logging.getLogger(__name__)
 class Placement:
     """Chooses an agent for each new replica: those with free slots, most free first."""
 
-    def __init__(self, agents: Sequence[AgentClient]) -> None:
+    def __init__(self, agents: Sequence[AgentClient], probe_timeout_s: float = 2.0) -> None:
         self.agents = list(agents)
+        #: How long each agent gets to say its free slots: a silent (lost) agent must not hold
+        #: up a placement for the whole agent timeout.
+        self.probe_timeout_s = probe_timeout_s
         self._by_name = {a.name: a for a in self.agents}
         self.on_error: list[Any] = []  # callables (agent, reason) for metrics
 
@@ -31,9 +34,14 @@ class Placement:
 
     async def _free_slots(self, agent: AgentClient) -> int:
         try:
-            doc = await agent.resources()
+            async with asyncio.timeout(self.probe_timeout_s):
+                doc = await agent.resources()
         except AgentError as exc:
             self._report(agent, "unreachable" if exc.status is None else "refused", exc)
+            return -1
+        except TimeoutError:
+            message = f"GET /v1/resources: no answer within {self.probe_timeout_s:g} s"
+            self._report(agent, "unreachable", AgentError(agent.name, message))
             return -1
         return int(doc.get("slots_free", 0) or 0)
 

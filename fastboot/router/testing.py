@@ -60,6 +60,8 @@ class FakeEngine:
     #: per request, for the next `crashes` requests.
     crash_after: int = 0
     crashes: int = 0
+    #: Never answer (a partitioned host: the connection stays open, nothing comes back).
+    silent: bool = False
     #: Requests received: (path, parsed body).
     requests: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     #: Requests whose handler was cancelled because the other side went away.
@@ -99,6 +101,8 @@ class FakeEngine:
             self.active -= 1
 
     async def _respond(self, request: web.Request, doc: dict[str, Any]) -> web.StreamResponse:
+        if self.silent:
+            await asyncio.sleep(3600)  # cancelled when the router gives up on it
         crash = self.crashes > 0
         if crash:
             self.crashes -= 1
@@ -150,6 +154,10 @@ class FakeAgent:
     refuse: list[int] = field(default_factory=list)
     #: Served model name reported for replicas (None: the snapshot id).
     model: str | None = None
+    #: Replica ids are PREFIX1, PREFIX2, ... (distinct prefixes for several agents).
+    id_prefix: str = "r"
+    #: Never answer (a partitioned or powered-off host, as the router sees it).
+    silent: bool = False
     replicas: dict[str, dict[str, Any]] = field(default_factory=dict)
     posts: list[dict[str, Any]] = field(default_factory=list)
     deletes: list[str] = field(default_factory=list)
@@ -178,6 +186,8 @@ class FakeAgent:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if self.silent:
+            await asyncio.sleep(3600)  # the caller's timeout ends it
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             return _error(401, "bad token")
         response: web.StreamResponse = await handler(request)
@@ -187,7 +197,7 @@ class FakeAgent:
         return [r for r in self.replicas.values() if r["state"] in ("restoring", "ready")]
 
     def add_replica(self, snapshot: str, state: str = "restoring") -> dict[str, Any]:
-        replica_id = f"r{next(self._ids)}"
+        replica_id = f"{self.id_prefix}{next(self._ids)}"
         address = self.address_for(snapshot)
         replica = {
             "id": replica_id,

@@ -8,7 +8,10 @@ timeouts around each read.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import aiohttp
 
@@ -45,10 +48,12 @@ class RoutedReplica:
         "id",
         "inflight",
         "last_active",
+        "lost",
         "model",
         "served_model",
         "state",
         "upstream",
+        "waits",
     )
 
     def __init__(
@@ -74,6 +79,28 @@ class RoutedReplica:
         self.created = self.last_active = time.monotonic()
         #: Pooled client, set when ready.
         self.upstream: Upstream | None = None
+        #: Its host was lost (agent silent past host_lost_s): requests it had not answered yet
+        #: are sent to another replica; nobody else can see what it produced.
+        self.lost = False
+        #: The deadlines of every read waiting on it now; a lost host's are moved to now.
+        self.waits: set[asyncio.Timeout] = set()
+
+    @contextlib.asynccontextmanager
+    async def bounded(self, seconds: float) -> AsyncIterator[None]:
+        """asyncio.timeout(seconds) around one read from this replica, which `abort` ends."""
+        async with asyncio.timeout(seconds) as timeout:
+            self.waits.add(timeout)
+            try:
+                yield
+            finally:
+                self.waits.discard(timeout)
+
+    def abort(self) -> None:
+        """End every read waiting on it now, with TimeoutError (its host is lost: on a
+        partition nothing would ever arrive, nor any reset)."""
+        now = asyncio.get_running_loop().time()
+        for timeout in list(self.waits):
+            timeout.reschedule(now)
 
     @property
     def has_room(self) -> bool:
