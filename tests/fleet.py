@@ -253,7 +253,8 @@ def bench(
         *["--dataset-name", "random", "--random-input-len", "32", "--random-output-len", "16"],
         *["--num-prompts", str(prompts), "--request-rate", str(rate), "--seed", "0"],
         *["--ignore-eos", "--percentile-metrics", "ttft,e2el", "--metric-percentiles", "50,99,100"],
-        *["--save-result", "--result-dir", str(out.parent), "--result-filename", out.name],
+        *["--save-result", "--save-detailed", "--disable-tqdm"],
+        *["--result-dir", str(out.parent), "--result-filename", out.name],
     ]
     log = out.with_suffix(".log")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_TARGET_DEVICE": "cpu"}
