@@ -287,18 +287,20 @@ class KubernetesProvider:
             free = [p for p in pods if p.spec.node_name not in self._in_use]
             chosen = sorted(free, key=lambda p: _running(p))
         if chosen:
-            pod = chosen[0]
-            body = {"metadata": {"annotations": {DELETION_COST: "-1000"}}}
-            await self._call(
-                "annotate balloon",
-                self._core.patch_namespaced_pod,
-                pod.metadata.name,
-                self.settings.namespace,
-                body,
-            )
+            await self._deletion_cost(chosen[0], "-1000")
         else:
             log.warning("no %s balloon found on %s; scaling down anyway", host_type, node or "-")
         await self._scale(host_type, -1)
+
+    async def _deletion_cost(self, pod: Any, cost: str | None) -> None:
+        """Set (None: remove) the balloon's pod-deletion-cost annotation."""
+        await self._call(
+            "annotate balloon",
+            self._core.patch_namespaced_pod,
+            pod.metadata.name,
+            self.settings.namespace,
+            {"metadata": {"annotations": {DELETION_COST: cost}}},
+        )
 
     async def _claim(self, host_type: str) -> HostSpec | None:
         """A Running balloon on a healthy node with a Ready agent that is not handed out, now
@@ -320,14 +322,7 @@ class KubernetesProvider:
             if (pod.metadata.annotations or {}).get(DELETION_COST) is not None:
                 # A release that raced a Pending balloon left its mark on this pod: clear it,
                 # or the next scale-down could remove this node's balloon.
-                body = {"metadata": {"annotations": {DELETION_COST: None}}}
-                await self._call(
-                    "clear deletion cost",
-                    self._core.patch_namespaced_pod,
-                    pod.metadata.name,
-                    self.settings.namespace,
-                    body,
-                )
+                await self._deletion_cost(pod, None)
             return HostSpec(
                 name=name,
                 address=f"http://{agent.status.pod_ip}:{self.settings.agent_port}",

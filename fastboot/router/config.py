@@ -287,11 +287,11 @@ def _buffer_section(table: Any, base: Path, source: str) -> BufferSection | None
         )
     if section.hosts_file:
         raise ConfigError(f'{where}: hosts_file is for provider = "static"; remove it')
-    return dataclasses.replace(section, kubernetes=_kubernetes(kubernetes or {}, base, where))
+    return dataclasses.replace(section, kubernetes=_kubernetes(kubernetes or {}, base, source))
 
 
-def _kubernetes(table: Any, base: Path, where: str) -> KubernetesSettings:
-    where = f"{where}.kubernetes"
+def _kubernetes(table: Any, base: Path, source: str) -> KubernetesSettings:
+    where = f"{source}: [buffer.kubernetes]"
     _expect_mapping(table, where)
     table = dict(table)
     max_nodes = table.get("max_nodes", {})

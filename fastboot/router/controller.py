@@ -39,6 +39,7 @@ from fastboot.buffer.agents import (
 )
 from fastboot.buffer.health import deep_check, short_check
 from fastboot.buffer.hosts import StaticProvider
+from fastboot.buffer.kubernetes import KubernetesProvider
 from fastboot.buffer.manager import BufferConfig, BufferManager
 from fastboot.buffer.placement import BufferedPlacement
 from fastboot.errors import AgentError
@@ -111,8 +112,6 @@ class Controller:
     ) -> BufferedPlacement:
         """Agents come from a buffer of checked idle hosts; a host taken is refilled at once.
         Hosts come from the section's provider: a static list, or Kubernetes balloon pods."""
-        from fastboot.buffer.kubernetes import KubernetesProvider
-
         provider: StaticProvider | KubernetesProvider
         if section.provider == "kubernetes":
             provider = KubernetesProvider(section.kubernetes)
