@@ -27,7 +27,8 @@ class JsonHandler(BaseHTTPRequestHandler):
 @contextlib.contextmanager
 def running(server: ThreadingHTTPServer) -> Iterator[str]:
     """Serve in a thread; yields the base URL; shuts down and joins on the way out."""
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # A short poll interval: shutdown() waits up to one interval (0.5 s by default) per server.
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
