@@ -192,13 +192,15 @@ def main() -> int:
             config = router_config(work, hosts, snapshot_id, served, port, REPLICAS)
             with router_process(config, port, work / "router.log") as router:
                 wait_for("replicas and buffer", lambda: settled(router), 300, router.log)
-                load = (served, model, args.prompts, args.rate)
+                load = (model, args.prompts, args.rate)
                 direct_url = replica_url(hosts, router)
                 baseline: dict[str, list[dict[str, Any]]] = {"direct": [], "router": []}
+                targets = (("direct", direct_url, served), ("router", router.url, "tiny"))
                 for run in range(args.runs):
-                    for where, url in (("direct", direct_url), ("router", router.url)):
+                    for where, url, name in targets:
                         print(f"baseline {where} run {run + 1}...", flush=True)
-                        result = bench(url, *load, out / f"{where}-{run}.json", args.deadline_s)
+                        path = out / f"{where}-{run}.json"
+                        result = bench(url, name, *load, path, args.deadline_s)
                         baseline[where].append(summary(result, args.prompts))
                 faults = []
                 for name in ("kill", "cut"):
@@ -207,12 +209,15 @@ def main() -> int:
                     )
                     print(f"{name}: {victim.name} under load...", flush=True)
                     try:
-                        row = faulted_run(name, router, victim, args, (router.url, *load), out)
+                        row = faulted_run(
+                            name, router, victim, args, (router.url, "tiny", *load), out
+                        )
                     finally:
                         if name == "cut":
                             victim.heal()
                     print(f"{name}: after...", flush=True)
-                    after = bench(router.url, *load, out / f"{name}-after.json", args.deadline_s)
+                    path = out / f"{name}-after.json"
+                    after = bench(router.url, "tiny", *load, path, args.deadline_s)
                     row["after"] = summary(after, args.prompts)
                     faults.append(row)
                     if name == "kill":

@@ -164,12 +164,13 @@ def start_agent(
     prefix: Sequence[str] = (),
     extra: Sequence[str] = (),
     subnet: str | None = None,
+    token: str | None = None,
 ) -> Agent:
     """Start `fastboot agent` (after prefix, e.g. `ip netns exec NS`) and wait until healthy.
     Agents on one host need distinct replica subnets: by default one /24 per agent name."""
     from fastboot.serve import free_port
 
-    token = secrets.token_hex(16)
+    token = token or secrets.token_hex(16)
     token_file = state.parent / f"{state.name}.token"
     state.parent.mkdir(parents=True, exist_ok=True)
     token_file.write_text(token)

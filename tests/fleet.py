@@ -91,6 +91,8 @@ class FleetHost:
             prefix=["ip", "netns", "exec", self.link.netns],
             subnet=replica_subnet(self.index),
             extra=["--replica-route", LINKS],
+            # A restart keeps the token the router was configured with.
+            token=self.agent.token if self.agent is not None else None,
         )
         return self.agent
 
@@ -236,20 +238,21 @@ def wait_for(what: str, ok: Any, deadline_s: float, log: Path, step_s: float = 0
 
 def bench(
     base_url: str,
-    served: str,
+    model: str,
     tokenizer: Path,
     prompts: int,
     rate: float,
     out: Path,
     timeout_s: float,
 ) -> dict[str, Any]:
-    """One `vllm bench serve` run (random prompts, streamed completions); its result JSON.
+    """One `vllm bench serve` run (random prompts, streamed completions) asking for `model`
+    (the router's public name, or a replica's served name); its result JSON.
     Killed past timeout_s: a hung request fails the run."""
     out.parent.mkdir(parents=True, exist_ok=True)
     argv = [
         *[sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve"],
         *["--backend", "openai", "--base-url", base_url, "--endpoint", "/v1/completions"],
-        *["--model", served, "--tokenizer", str(tokenizer)],
+        *["--model", model, "--tokenizer", str(tokenizer)],
         *["--dataset-name", "random", "--random-input-len", "32", "--random-output-len", "16"],
         *["--num-prompts", str(prompts), "--request-rate", str(rate), "--seed", "0"],
         *["--ignore-eos", "--percentile-metrics", "ttft,e2el", "--metric-percentiles", "50,99,100"],

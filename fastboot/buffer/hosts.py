@@ -134,7 +134,12 @@ class Host:
 
 
 class Provider(Protocol):
-    """Where hosts come from and go back to."""
+    """Where hosts come from and go back to.
+
+    Two optional hooks, called when a provider has them: `async lost(spec)` takes back a host
+    whose agent went silent (else `release`); `async quarantine(spec, reason)` fences a host
+    outside fastboot too (the Kubernetes provider taints and cordons its node).
+    """
 
     async def acquire(self, host_type: str) -> HostSpec | None:
         """Deliver one host of `host_type` (waiting as long as delivery takes); None when the

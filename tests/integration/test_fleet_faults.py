@@ -90,7 +90,7 @@ def under_load(
     thread = threading.Thread(target=inject)
     thread.start()
     try:
-        result = bench(router.url, served, tokenizer, 60, 4.0, out, timeout_s=240)
+        result = bench(router.url, "tiny", tokenizer, 60, 4.0, out, timeout_s=240)
     finally:
         thread.join()
     if errors:
