@@ -209,6 +209,8 @@ def router_config(
 
 @contextlib.contextmanager
 def router_process(config: Path, port: int, log: Path) -> Iterator[EngineProcess]:
+    """A `fastboot router` process: it answers /health and lists its models at once, which is
+    what engine_process waits for."""
     argv = [sys.executable, "-m", "fastboot", "router", "--config", str(config)]
     with engine_process(argv, port, log, ready_deadline_s=60) as router:
         yield router

@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import signal
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -29,7 +28,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fastboot.host import netns
 from tests.agents import Agent, agent_process
-from tests.engine_process import EngineProcess, engine_process, free_port
+from tests.engine_process import EngineProcess, free_port
+from tests.fleet import router_process
 
 # A hung request fails its test (with fixture teardown) instead of the whole run. The test body
 # only: the first test's set-up may include the session's `fastboot snapshot create`, which has
@@ -103,15 +103,6 @@ def router_config(
     ]
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-@contextlib.contextmanager
-def router_process(config: Path, port: int, log: Path) -> Iterator[EngineProcess]:
-    # The router answers /health and lists its models at once, which is what engine_process
-    # waits for.
-    argv = [sys.executable, "-m", "fastboot", "router", "--config", str(config)]
-    with engine_process(argv, port, log, ready_deadline_s=60) as router:
-        yield router
 
 
 @pytest.fixture(scope="module")
