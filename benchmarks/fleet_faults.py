@@ -10,7 +10,8 @@ restored; load from `vllm bench serve`, streamed completions at a fixed rate):
      nothing is reset), one bench run "during" with the fault injected --fault-at s in, then
      one "after" once capacity is back. A sampler polls the router's /health every 50 ms for
      the timeline: ready replicas, idle buffer hosts, when the lost host left routing
-     (detection) and when both replicas were ready again with the buffer refilled (capacity).
+     (detection), when both replicas were ready again (capacity back: the replacement restored)
+     and when the buffer held an idle host again (refilled: a host admitted by the short check).
 
 Requests sent / succeeded / failed / hung per run (hung: not finished by bench's deadline,
 --deadline-s), `vllm bench serve`'s own throughput and TTFT p50/p99, and the number of requests
@@ -148,10 +149,13 @@ def faulted_run(
     rows = sampler.rows
     fault = marks["fault"]
     detected = next(r["t"] for r in rows if r["t"] > fault and victim.name not in r["routed"])
-    restored = next(
+    # Capacity: as many ready replicas as before the loss (the replacement restored). The buffer
+    # refilled (an idle host short-checked, self-test included) is reported on its own.
+    restored = next(r["t"] for r in rows if r["t"] > detected and len(set(r["ready"])) == REPLICAS)
+    refilled = next(
         r["t"]
         for r in rows
-        if r["t"] > detected and len(set(r["ready"])) == REPLICAS and len(r["idle"]) == 1
+        if r["t"] >= restored and len(set(r["ready"])) == REPLICAS and len(r["idle"]) == 1
     )
     return {
         "fault": name,
@@ -160,10 +164,12 @@ def faulted_run(
         "inflight_on_lost": marks["inflight_on_lost"],
         "detect_s": detected - fault,
         "capacity_back_after_detect_s": restored - detected,
+        "buffer_refilled_after_detect_s": refilled - detected,
         "timeline": rows,
         "fault_t": fault,
         "detected_t": detected,
         "restored_t": restored,
+        "refilled_t": refilled,
     }
 
 
@@ -265,12 +271,13 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"{key:24}{d:10.2f}{r:10.2f}{r - d:10.2f}")
     print("\nfaults")
     header = f"{'':14}{'sent':>6}{'ok':>6}{'fail':>6}{'hung':>6}{'inflight':>9}"
-    print(header + f"{'tput':>8}{'p50':>8}{'p99':>9}{'detect':>8}{'back':>7}")
+    print(header + f"{'tput':>8}{'p50':>8}{'p99':>9}{'detect':>8}{'back':>7}{'refill':>8}")
     for row in report["faults"]:
         for phase in ("during", "after"):
             s = row[phase]
             extra = (
                 f"{row['detect_s']:8.2f}{row['capacity_back_after_detect_s']:7.2f}"
+                f"{row['buffer_refilled_after_detect_s']:8.2f}"
                 if phase == "during"
                 else ""
             )
@@ -308,6 +315,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
             ("fault_t", "fault", "r--"),
             ("detected_t", "detected", "k:"),
             ("restored_t", "capacity back", "g-."),
+            ("refilled_t", "buffer refilled", "b:"),
         ):
             ax.axvline(row[key], color=style[0], linestyle=style[1:], label=label)
         during = row["during"]

@@ -14,7 +14,14 @@
 docs/buffer.md writes the model and the lifecycle down.
 """
 
-from fastboot.buffer.health import CheckResult, HealthCheck, Outcome, deep_check, short_check
+from fastboot.buffer.health import (
+    CheckResult,
+    HealthCheck,
+    Outcome,
+    assign_check,
+    deep_check,
+    short_check,
+)
 from fastboot.buffer.hosts import Host, HostSpec, HostState, Provider, StaticProvider
 from fastboot.buffer.lp import (
     BufferPlan,
@@ -47,6 +54,7 @@ __all__ = [
     "Provider",
     "StaticProvider",
     "SupplyPool",
+    "assign_check",
     "deep_check",
     "short_check",
     "solve",

@@ -4,10 +4,16 @@ A check is any `async (HostSpec) -> CheckResult` callable. A result is PASS, FAI
 quarantined with `detail` as the reason) or UNAVAILABLE (the check cannot run here: no NVML, no
 dcgmi, a remote host; logged, not held against the host).
 
-- short (on boot and on every assignment; seconds): the agent's `/v1/health` and `/v1/resources`;
-  CPU hosts: a real self-test of the engine runtime (import torch, a matmul checked against float64,
-  under a deadline); GPU hosts: NVML state (ECC, retired pages, row remaps, temperature), critical
-  Xids in the kernel log, and the same matmul on CUDA.
+- short (before a host enters the buffer, and again when it is recycled; seconds): the agent's
+  `/v1/health` and `/v1/resources`; CPU hosts: a real self-test of the engine runtime (import
+  torch, a matmul checked against float64, under a deadline); GPU hosts: NVML state (ECC, retired
+  pages, row remaps, temperature), critical Xids in the kernel log, and the same matmul on CUDA.
+- assign (on every assignment, on the scale-up's path; milliseconds): the agent API, and on GPU
+  hosts NVML and Xids. Not the self-test: it costs a fresh interpreter importing torch (1-2 s
+  alone, 2.7-5 s on two loaded cores, measured in tests/integration/test_fleet_faults.py) and
+  what it tests, the image's runtime, does not change while the host idles (the deep tier reruns
+  it there). What does change in the meantime, a dead or cut-off agent or a GPU that logged an
+  Xid, the assign tier sees.
 - deep (idle buffer hosts, on a cadence; minutes): the above plus `dcgmi diag -r LEVEL` on GPU
   hosts where dcgmi is installed, and a larger matmul.
 
@@ -388,6 +394,15 @@ def short_check(python: str = sys.executable, deadline_s: float = 60.0) -> ByKin
             "short",
             [agent, NvmlCheck(), XidCheck(), RuntimeSelfTest("cuda", 1024, deadline_s, python)],
         ),
+    )
+
+
+def assign_check() -> ByKind:
+    """The assignment tier (milliseconds): what can change while a checked host idles."""
+    agent = AgentCheck()
+    return ByKind(
+        cpu=CheckSuite("assign", [agent]),
+        gpu=CheckSuite("assign", [agent, NvmlCheck(), XidCheck()]),
     )
 
 

@@ -53,9 +53,10 @@ class BufferEvent:
 class BufferManager:
     """Healthy idle hosts, kept at a target per host type.
 
-    - `acquire(host_type)`: the oldest idle host, short-checked, as ASSIGNED; triggers a refill at
-      once. Waits (up to a timeout) when the buffer is empty, and counts the wait as demand, so a
-      burst larger than the buffer provisions hosts on demand.
+    - `acquire(host_type)`: the oldest idle host, passed by `assign_check` (the light tier; the
+      short check when none is given), as ASSIGNED; triggers a refill at once. Waits (up to a
+      timeout) when the buffer is empty, and counts the wait as demand, so a burst larger than
+      the buffer provisions hosts on demand.
     - `release(host)`: a host whose replicas are stopped; back to the buffer after a short check
       when the buffer is below target, otherwise back to the provider.
     - Idle hosts get the deep check every `deep_check_interval_s`, one at a time per type, only
@@ -71,11 +72,13 @@ class BufferManager:
         deep_check: HealthCheck,
         config: BufferConfig | None = None,
         *,
+        assign_check: HealthCheck | None = None,
         boot_probe: HealthCheck | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.provider = provider
         self.short_check = short_check
+        self.assign_check = short_check if assign_check is None else assign_check
         self.deep_check = deep_check
         self.config = config or BufferConfig()
         self.boot_probe = boot_probe
@@ -171,7 +174,7 @@ class BufferManager:
             started = self.clock()
             host.move(HostState.ASSIGNED, "taken")
             self._wake.set()  # refill now, while the assignment check runs
-            result = await self._check(self.short_check, host)
+            result = await self._check(self.assign_check, host)
             if host.state is not HostState.ASSIGNED:
                 continue  # quarantined from outside while it was being checked
             if not result.ok:

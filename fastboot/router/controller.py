@@ -37,7 +37,7 @@ from fastboot.buffer.agents import (
     AgentClient,
     ReplicaInfo,
 )
-from fastboot.buffer.health import deep_check, short_check
+from fastboot.buffer.health import assign_check, deep_check, short_check
 from fastboot.buffer.hosts import StaticProvider
 from fastboot.buffer.kubernetes import KubernetesProvider
 from fastboot.buffer.manager import BufferConfig, BufferManager
@@ -122,6 +122,7 @@ class Controller:
             short_check(),
             deep_check(),
             BufferConfig(targets={section.host_type: section.target}),
+            assign_check=assign_check(),
         )
         await self._buffer.start()
         self._buffered = BufferedPlacement(

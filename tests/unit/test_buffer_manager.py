@@ -154,6 +154,24 @@ def test_failing_host_is_quarantined_and_never_assigned() -> None:
     asyncio.run(scenario())
 
 
+def test_assignment_runs_the_assign_tier_and_admission_the_short_one() -> None:
+    async def scenario() -> None:
+        short, assign = FakeCheck(), FakeCheck(failing={"h0": 1})
+        config = BufferConfig(targets={"cpu": 2}, **FAST)
+        manager = BufferManager(static(3), short, FakeCheck(), config, assign_check=assign)
+        async with manager:
+            await until(lambda: manager.count("cpu", IDLE) == 2)
+            assert sorted(short.calls) == ["h0", "h1"] and not assign.calls
+            host = await manager.acquire("cpu", timeout_s=1)
+            # h0 failed the assign tier only: quarantined, and h1 handed out after its own
+            assert host.spec.name == "h1" and assign.calls == ["h0", "h1"]
+            assert manager.count("cpu", QUARANTINED) == 1
+            await until(lambda: manager.count("cpu", IDLE) == 1)  # h2 admitted by short
+            assert short.calls.count("h2") == 1 and "h2" not in assign.calls
+
+    asyncio.run(scenario())
+
+
 def test_host_failing_its_assignment_check_is_skipped() -> None:
     async def scenario() -> None:
         short = FakeCheck(failing={"h0": 2})  # passes the boot check, fails on assignment
