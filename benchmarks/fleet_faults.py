@@ -180,11 +180,14 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="baseline runs, interleaved")
     parser.add_argument("--fault-at", type=float, default=8.0, help="seconds into the run")
     parser.add_argument("--deadline-s", type=float, default=300.0)
+    parser.add_argument("--faults", default="kill,cut", help="which, in order: kill, cut")
+    parser.add_argument("--keep", type=Path, help="keep logs and bench details in this directory")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="fleet-faults-") as tmp:
-        work = Path(tmp)
+        work = args.keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         model = write_tiny_llama(work / "tiny")
         snapshots = work / "snapshots"
         print("creating the snapshot (one cold boot)...", flush=True)
@@ -209,7 +212,7 @@ def main() -> int:
                         result = bench(url, name, *load, path, args.deadline_s)
                         baseline[where].append(summary(result, args.prompts))
                 faults = []
-                for name in ("kill", "cut"):
+                for name in args.faults.split(","):
                     victim = next(
                         h for h in hosts if h.name in {m["agent"] for m in members(router)}
                     )

@@ -8,8 +8,9 @@ a real `fastboot router` process on this namespace's loopback, taking its hosts 
 (StaticProvider over the agents).
 
 Faults: `kill` (SIGKILL the agent and every process of its replicas: a crashed or powered-off
-host), `cut` (the host's veth down: a partition; nothing is reset, connections just go silent)
-and `heal`. `restart` starts the agent again on the same state dir, as systemd would.
+host), `cut` (the host drops every packet from its veth: a partition; nothing is reset,
+connections just go silent) and `heal`. `restart` starts the agent again on the same state
+dir, as systemd would.
 """
 
 from __future__ import annotations
@@ -38,6 +39,13 @@ from tests.engine_process import EngineProcess, engine_process, log_tail, proces
 #: Hosts' links, one /30 each (not the agents' 10.213/16, nor other tests' 10.214, 10.215.77).
 LINKS = "10.215.78.0/24"
 PORT = 8700
+#: What a cut drops in the host's namespace, both ways: the agent's packets and its replicas'.
+PARTITION_RULES = (
+    ("INPUT", "-i"),
+    ("OUTPUT", "-o"),
+    ("FORWARD", "-i"),
+    ("FORWARD", "-o"),
+)
 NETNS, LINK, AGENT = "fbflt-", "fbflth", "fl"
 
 
@@ -108,14 +116,21 @@ class FleetHost:
         self.agent.proc.wait()
 
     def cut(self) -> None:
-        subprocess.run(["ip", "link", "set", self.link.host_if, "down"], check=True)
+        """A partition: the host's namespace drops every packet on its veth, both ways, the
+        agent's (INPUT, OUTPUT) and its replicas' (FORWARD). Silent (no reset, no ICMP) and local:
+        the link stays up, so this namespace's routes to the host stay and nothing addressed to
+        it ever takes the default route off the machine (a veth set down removes them: traffic
+        to the host then left for the real network, and a stranger answered 404)."""
+        for chain, way in PARTITION_RULES:
+            self._iptables("-I", chain, way, "eth0", "-j", "DROP")
 
     def heal(self) -> None:
-        subprocess.run(["ip", "link", "set", self.link.host_if, "up"], check=True)
-        subprocess.run(
-            ["ip", "route", "replace", replica_subnet(self.index), "via", self.link.ip],
-            check=True,
-        )
+        for chain, way in PARTITION_RULES:
+            self._iptables("-D", chain, way, "eth0", "-j", "DROP")
+
+    def _iptables(self, *rule: str) -> None:
+        argv = ["ip", "netns", "exec", self.link.netns, "iptables", "-w", *rule]
+        subprocess.run(argv, check=True, capture_output=True)
 
 
 def leftovers(work: Path) -> dict[str, list[str]]:
