@@ -149,7 +149,7 @@ def leftovers(work: Path) -> dict[str, list[str]]:
 @contextlib.contextmanager
 def fleet(snapshots: Path, work: Path, hosts: int) -> Iterator[list[FleetHost]]:
     """`hosts` hosts with healthy agents; everything removed on the way out."""
-    clean = {"netns": [], "links": [], "routes": [], "agents": []}
+    clean: dict[str, list[str]] = {"netns": [], "links": [], "routes": [], "agents": []}
     assert leftovers(work) == clean, f"leftovers of an earlier run: {leftovers(work)}"
     made: list[FleetHost] = []
     try:
@@ -201,6 +201,7 @@ def router_config(
                 "[router]",
                 f"port = {port}",
                 "tick_s = 0.5",
+                "release_on_exit = true",  # a router run after this one starts from no replicas
                 "[router.timeouts]",
                 "host_probe_s = 0.5",
                 "host_lost_s = 2.0",
