@@ -33,13 +33,13 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.router_bench import router_metric  # noqa: E402
 from fastboot.models.tiny import write_tiny_llama  # noqa: E402
 from fastboot.serve import free_port  # noqa: E402
 from tests.agents import create_snapshot  # noqa: E402
@@ -150,14 +150,8 @@ def baseline_runs(
 def own_overhead_ms(router: Any) -> float:
     """The router's own time per request (router_proxy_overhead_seconds: before dispatch and
     after the last byte, not the waiting), mean over everything it proxied so far."""
-    with urllib.request.urlopen(router.url + "/metrics", timeout=10) as response:
-        text = response.read().decode()
-    values = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in ("router_proxy_overhead_seconds_sum", "router_proxy_overhead_seconds_count"):
-            values[name.rsplit("_", 1)[1]] = float(value)
-    return 1000 * values["sum"] / values["count"]
+    total = router_metric(router.url, "router_proxy_overhead_seconds_sum")
+    return 1000 * total / router_metric(router.url, "router_proxy_overhead_seconds_count")
 
 
 def summary(result: dict[str, Any], prompts: int) -> dict[str, Any]:
