@@ -30,6 +30,7 @@ __all__ = [
     "FastbootRun",
     "engine_process",
     "free_port",
+    "process_states",
     "processes_mentioning",
     "serving",
 ]
@@ -150,6 +151,30 @@ def processes_mentioning(needle: str) -> list[str]:
         if needle in cmdline and state != "Z":
             found.append(f"{entry} {cmdline.strip()}")
     return found
+
+
+def process_states(pids: Sequence[int]) -> str:
+    """State, kernel wait channel and threads of each pid and its descendants, for a failure
+    message about a process that will not go away."""
+    lines, todo = [], [str(p) for p in pids]
+    while todo:
+        pid = todo.pop()
+        base = Path(f"/proc/{pid}")
+        try:
+            state = (base / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            wchan = (base / "wchan").read_text()
+            kids = [
+                kid
+                for task in (base / "task").iterdir()
+                for kid in (task / "children").read_text().split()
+            ]
+            threads = len(list((base / "task").iterdir()))
+        except OSError as exc:
+            lines.append(f"{pid}: {exc.strerror}")
+            continue
+        lines.append(f"{pid}: state {state}, wchan {wchan or '-'}, {threads} threads, kids {kids}")
+        todo += kids
+    return "\n".join(lines)
 
 
 class FastbootRun:
