@@ -62,6 +62,12 @@ def image_remote() -> str | None:
     return os.environ.get("FASTBOOT_IMAGE_REMOTE") or None
 
 
+def snapshot_remote() -> str | None:
+    """FASTBOOT_SNAPSHOT_REMOTE: base URL of the remote image store that `fastboot serve` and
+    agents restore snapshots they lack from (`fastboot snapshot push` publishes there)."""
+    return os.environ.get("FASTBOOT_SNAPSHOT_REMOTE") or None
+
+
 def image_push_dir() -> str | None:
     """FASTBOOT_IMAGE_PUSH_DIR: the directory `fastboot image push` publishes into (what the
     remote's static HTTP server serves)."""

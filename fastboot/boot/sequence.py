@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from fastboot.boot.environment import check_plugin, engine_env
 from fastboot.boot.site import Site
@@ -234,22 +235,111 @@ def take_snapshot(
 # -- the sequences -----------------------------------------------------------------------------
 
 
-def try_restore(spec: BootSpec, site: Site, target: Target, run_dir: Path) -> EngineTree | None:
-    """A ready, oracle-checked restored engine at site, or None (reason logged) for a cold boot."""
+class LazySnapshot(Protocol):
+    """A snapshot mounted from a remote for a restore (fastboot.imagefs.lazy_snapshots)."""
+
+    manifest: Manifest
+    path: Path
+    seconds: float
+    """Record, index, checks and mount."""
+
+    def fetch_rest(self) -> None:
+        """Bring the rest of it local in the background."""
+
+    def release(self) -> None:
+        """Drop the mount (after every engine restored from it has exited)."""
+
+
+class SnapshotRemote(Protocol):
+    """Where snapshots this host lacks are restored from, lazily (`--fastboot-snapshot-remote`)."""
+
+    url: str
+
+    def open(self, snapshot_id: str) -> LazySnapshot | None:
+        """The snapshot mounted, its chain of trust checked; None when the remote lacks it."""
+
+
+def try_restore(
+    spec: BootSpec,
+    site: Site,
+    target: Target,
+    run_dir: Path,
+    remote: SnapshotRemote | None = None,
+) -> EngineTree | None:
+    """A ready, oracle-checked restored engine at site, or None (reason logged) for a cold boot.
+    A snapshot missing here is restored lazily from remote, if given and it has it."""
     snapshot_id, store = target.snapshot_id, target.store
     if not store.path(snapshot_id).exists():
-        logger.info("no snapshot %s yet: cold boot", snapshot_id[:12])
-        return None
+        if remote is None:
+            logger.info("no snapshot %s yet: cold boot", snapshot_id[:12])
+            return None
+        return _try_remote(spec, site, target, run_dir, remote)
     start = time.monotonic()
     try:
         manifest = verified(store, snapshot_id, target.digests)
-        if why := fingerprint.incompatibility(manifest.fingerprint, target.host):
-            logger.warning(
-                "snapshot %s does not fit this host (%s): cold boot", snapshot_id[:12], why
-            )
-            return None
+    except (FastbootError, OSError) as exc:
+        logger.warning("not restoring snapshot %s: %s; cold boot", snapshot_id[:12], exc)
+        return None
+    tree = _restore_checked(spec, site, target, store.path(snapshot_id), manifest, run_dir)
+    if tree is not None:
+        logger.info(
+            "restored snapshot %s in %.2f s; cold boot was %.1f s",
+            snapshot_id[:12],
+            time.monotonic() - start,
+            manifest.cold_boot_s,
+        )
+    return tree
+
+
+def _try_remote(
+    spec: BootSpec, site: Site, target: Target, run_dir: Path, remote: SnapshotRemote
+) -> EngineTree | None:
+    snapshot_id, start = target.snapshot_id, time.monotonic()
+    try:
+        lazy = remote.open(snapshot_id)
+    except (FastbootError, OSError) as exc:
+        logger.warning(
+            "not restoring snapshot %s from %s: %s; cold boot", snapshot_id[:12], remote.url, exc
+        )
+        return None
+    if lazy is None:
+        logger.info("no snapshot %s here or on %s yet: cold boot", snapshot_id[:12], remote.url)
+        return None
+    tree = _restore_checked(spec, site, target, lazy.path, lazy.manifest, run_dir, True)
+    if tree is None:
+        lazy.release()
+        return None
+    logger.info(
+        "restored snapshot %s in %.2f s; cold boot was %.1f s (lazily from %s: mounted and "
+        "checked in %.2f s)",
+        snapshot_id[:12],
+        time.monotonic() - start,
+        lazy.manifest.cold_boot_s,
+        remote.url,
+        lazy.seconds,
+    )
+    lazy.fetch_rest()
+    return tree
+
+
+def _restore_checked(
+    spec: BootSpec,
+    site: Site,
+    target: Target,
+    path: Path,
+    manifest: Manifest,
+    run_dir: Path,
+    from_mount: bool = False,
+) -> EngineTree | None:
+    """restore() of a verified manifest's snapshot at path, fingerprint first; None (reason
+    logged, nothing left running) when it does not fit, fails or fails its check."""
+    snapshot_id = manifest.id
+    if why := fingerprint.incompatibility(manifest.fingerprint, target.host):
+        logger.warning("snapshot %s does not fit this host (%s): cold boot", snapshot_id[:12], why)
+        return None
+    try:
         step = time.monotonic()
-        tree = site.restore(store.path(snapshot_id), manifest, run_dir)
+        tree = site.restore(path, manifest, run_dir, from_mount)
         logger.debug("criu restore took %.3f s", time.monotonic() - step)
     except (FastbootError, OSError) as exc:
         hint = "; see `fastboot doctor`" if isinstance(exc, CriuMissingError) else ""
@@ -269,24 +359,24 @@ def try_restore(spec: BootSpec, site: Site, target: Target, run_dir: Path) -> En
             "restored snapshot %s failed its check (%s): cold boot", snapshot_id[:12], exc
         )
         return None
-    logger.info(
-        "restored snapshot %s in %.2f s; cold boot was %.1f s",
-        snapshot_id[:12],
-        time.monotonic() - start,
-        manifest.cold_boot_s,
-    )
     return tree
 
 
 def boot(
-    spec: BootSpec, site: Site, target: Target | None, run_dir: Path, refresh: bool = False
+    spec: BootSpec,
+    site: Site,
+    target: Target | None,
+    run_dir: Path,
+    refresh: bool = False,
+    remote: SnapshotRemote | None = None,
 ) -> EngineTree:
-    """A ready engine at site: restored from target's snapshot, else cold-booted (and
-    snapshotted into target, proven by the restore that is then served). target None: a plain
-    cold boot, no snapshot read or written."""
+    """A ready engine at site: restored from target's snapshot (here, else lazily from remote),
+    else cold-booted (and snapshotted into target, proven by the restore that is then served).
+    target None: a plain cold boot, no snapshot read or written."""
     if target is None:
         return cold_boot(spec, site, run_dir).tree
-    if not refresh and (restored := try_restore(spec, site, target, run_dir)) is not None:
+    restored = None if refresh else try_restore(spec, site, target, run_dir, remote)
+    if restored is not None:
         return restored
     cold = cold_boot(spec, site, run_dir)
     if take_snapshot(spec, site, cold, target, run_dir) is None:

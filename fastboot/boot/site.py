@@ -53,8 +53,11 @@ class Site(Protocol):
         """Start the engine (argv from the adapter) with env."""
         ...
 
-    def restore(self, snapshot: Path, manifest: Manifest, run_dir: Path) -> EngineTree:
-        """Restore the snapshot at path snapshot here (no readiness check)."""
+    def restore(
+        self, snapshot: Path, manifest: Manifest, run_dir: Path, from_mount: bool = False
+    ) -> EngineTree:
+        """Restore the snapshot at path snapshot here (no readiness check); from_mount: it is a
+        lazily mounted remote snapshot, kept mounted while the engine lives (pages mapped)."""
         ...
 
 
@@ -81,9 +84,11 @@ class HostSite:
         self._fresh_rpc_dir()
         return EngineTree.spawn(argv, env, self.sink)
 
-    def restore(self, snapshot: Path, manifest: Manifest, run_dir: Path) -> EngineTree:
+    def restore(
+        self, snapshot: Path, manifest: Manifest, run_dir: Path, from_mount: bool = False
+    ) -> EngineTree:
         self._fresh_rpc_dir()  # the sockets are re-bound here, as they were at the dump
-        return restore_host(snapshot, manifest, run_dir, self.sink)
+        return restore_host(snapshot, manifest, run_dir, self.sink, from_mount)
 
     def _fresh_rpc_dir(self) -> None:
         if self.rpc_dir is not None:
@@ -128,5 +133,7 @@ class IsolatedSite:
     def spawn(self, argv: list[str], env: dict[str, str]) -> EngineTree:
         return EngineTree.spawn(argv, env, self.sink, self.link.netns)
 
-    def restore(self, snapshot: Path, manifest: Manifest, run_dir: Path) -> EngineTree:
-        return restore_isolated(snapshot, manifest, self.link.netns, run_dir, self.sink)
+    def restore(
+        self, snapshot: Path, manifest: Manifest, run_dir: Path, from_mount: bool = False
+    ) -> EngineTree:
+        return restore_isolated(snapshot, manifest, self.link.netns, run_dir, self.sink, from_mount)

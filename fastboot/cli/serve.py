@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fastboot import envs
 from fastboot.cli import engine_choice
 from fastboot.cli.engine_argv import FlagSpec
 from fastboot.serve import ServeConfig, serve
@@ -13,6 +14,12 @@ from fastboot.snapshot import cpu_levels
 FLAGS = [
     *engine_choice.FLAGS,
     FlagSpec("snapshot-dir", "where snapshots live (default $FASTBOOT_HOME/snapshots)", True),
+    FlagSpec(
+        "snapshot-remote",
+        "restore a snapshot this host lacks straight from this remote image store (http://), "
+        "lazily, where `fastboot snapshot push` published it (default $FASTBOOT_SNAPSHOT_REMOTE)",
+        True,
+    ),
     FlagSpec("no-snapshot", "plain cold boot: read and write no snapshot"),
     FlagSpec("refresh", "ignore an existing snapshot and make a new one"),
     FlagSpec(
@@ -81,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         host=engine.host,
         port=engine.port,
         snapshot_dir=Path(str(snapshot_dir)) if snapshot_dir else None,
+        snapshot_remote=str(split.fastboot.get("snapshot-remote") or "") or envs.snapshot_remote(),
         snapshot=not split.fastboot.get("no-snapshot"),
         refresh=bool(split.fastboot.get("refresh")),
         hooks=str(split.fastboot["hooks"]) if "hooks" in split.fastboot else None,

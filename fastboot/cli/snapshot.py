@@ -1,4 +1,5 @@
-"""`fastboot snapshot create MODEL [vllm serve flags] | ls | inspect ID | verify ID | rm ID`.
+"""`fastboot snapshot create MODEL [vllm serve flags] | ls | inspect ID | verify ID | rm ID |
+push ID --to DIR`.
 
 `create` takes `fastboot serve`'s engine flags (fastboot.cli.engine_choice): a command engine's
 snapshot is made the same way, `fastboot snapshot create --fastboot-engine command -- SERVER ...`.
@@ -53,6 +54,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ):
         action = sub.add_parser(name, help=text)
         action.add_argument("id", help="snapshot id or a unique prefix of it")
+    push = sub.add_parser(
+        "push",
+        help="publish a snapshot into a remote image store directory, for hosts that lack it "
+        "to restore lazily (`fastboot serve --fastboot-snapshot-remote URL`)",
+    )
+    push.add_argument("id", help="snapshot id or a unique prefix of it")
+    push.add_argument(
+        "--to",
+        type=Path,
+        default=None,
+        help="the directory a static HTTP server serves (default $FASTBOOT_IMAGE_PUSH_DIR)",
+    )
+    push.add_argument("--store", type=Path, default=None, help="local image store")
 
 
 def _row(m: Manifest) -> str:
@@ -117,7 +131,28 @@ def run(args: argparse.Namespace) -> int:
             print(f"INVALID {exc}")
             return 1
         print(f"ok {snapshot_id}: {len(manifest.files)} files, {manifest.total_bytes} bytes")
+    elif args.action == "push":
+        return _push(store, snapshot_id, args)
     elif args.action == "rm":
         store.remove(snapshot_id)
         print(f"removed {snapshot_id}")
+    return 0
+
+
+def _push(store: Store, snapshot_id: str, args: argparse.Namespace) -> int:
+    # The image store pulls in numpy and zstd (the [imagefs] extra): only push pays for them.
+    from fastboot.imagefs.lazy_snapshots import push
+    from fastboot.imagefs.store import ImageStore
+
+    dest = args.to or envs.image_push_dir()
+    if dest is None:
+        raise UsageError("say where to publish: --to DIR (or set FASTBOOT_IMAGE_PUSH_DIR)")
+    images = ImageStore(args.store or envs.image_store())
+    pushed = push(store, snapshot_id, images, Path(dest))
+    print(
+        f"pushed {snapshot_id} to {dest}: {pushed.image_bytes / 1e9:.2f} GB of files, "
+        f"{pushed.stored_bytes / 1e9:.2f} GB stored, {pushed.new_stored_bytes / 1e9:.2f} GB "
+        f"new in {images.root} (the rest shared with images already there), index "
+        f"{pushed.index[:16]}"
+    )
     return 0

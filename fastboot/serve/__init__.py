@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from fastboot import engines
+from fastboot import engines, envs
 from fastboot.boot import sequence
 from fastboot.boot.site import HostSite
 from fastboot.engines import hooks
@@ -112,7 +112,15 @@ def serve(config: ServeConfig) -> int:
         if config.weights_image:
             mounts.append(weights := SharedMount(config.weights_image))
             config = _from_image(config, weights.acquire(), weights.identity)
-        return _boot(config, engine.version(_site_packages(config.engine_python)), run_dir)
+        remote = None
+        if config.snapshot_remote and config.snapshot:
+            # pulls in the image store (numpy, zstd): only a run with a remote pays for it
+            from fastboot.imagefs.lazy_snapshots import RemoteSnapshots
+            from fastboot.imagefs.store import ImageStore
+
+            remote = RemoteSnapshots(config.snapshot_remote, ImageStore(envs.image_store()), mounts)
+        version = engine.version(_site_packages(config.engine_python))
+        return _boot(config, version, run_dir, remote)
 
     def clean_up() -> None:
         if config.rpc_dir is not None:
@@ -169,7 +177,12 @@ def _site_packages(python: Path | None) -> list[str] | None:
     return [str(p) for p in sorted(python.parent.parent.glob("lib/python3*/site-packages"))]
 
 
-def _boot(config: ServeConfig, engine_version: str, run_dir: Path) -> EngineTree:
+def _boot(
+    config: ServeConfig,
+    engine_version: str,
+    run_dir: Path,
+    remote: sequence.SnapshotRemote | None = None,
+) -> EngineTree:
     spec = config.boot_spec(config.engine_argv)
     site = HostSite(config.url, config.rpc_dir)
     if not config.snapshot:
@@ -185,6 +198,6 @@ def _boot(config: ServeConfig, engine_version: str, run_dir: Path) -> EngineTree
             sequence.host_fingerprint(spec.engine, engine_version),
             digests,
         )
-        return sequence.boot(spec, site, target, run_dir, refresh=config.refresh)
+        return sequence.boot(spec, site, target, run_dir, refresh=config.refresh, remote=remote)
     finally:
         digests.save()

@@ -37,6 +37,9 @@ class ServeConfig:
     """--port as given to the engine (read only)."""
     snapshot_dir: Path | None = None
     """Where snapshots live (default $FASTBOOT_HOME/snapshots)."""
+    snapshot_remote: str | None = None
+    """Base URL of a remote image store to restore missing snapshots from, lazily
+    (fastboot.imagefs.lazy_snapshots)."""
     snapshot: bool = True
     """False: plain cold boot, no snapshot read or written."""
     refresh: bool = False

@@ -266,9 +266,14 @@ def on_fuse(path: Path, mounts: Path = Path("/proc/self/mounts")) -> bool:
     return fstype.startswith("fuse") and fstype != "fusectl"  # fuse, fuse.NAME, fuseblk
 
 
-def maps_pages(criu: Criu, images: Path) -> bool:
-    """Whether a restore of images maps its pages instead of copying them (module doc)."""
-    return criu.maps_pages and not envs.copy_pages() and not on_fuse(images)
+def maps_pages(criu: Criu, images: Path, from_mount: bool = False) -> bool:
+    """Whether a restore of images maps its pages instead of copying them (module doc). On
+    FUSE only from_mount: a lazily mounted remote snapshot that fastboot keeps mounted for as
+    long as the replica lives (fastboot.imagefs.lazy_snapshots); a mapping is how such a restore
+    fetches only the pages that are touched."""
+    if not criu.maps_pages or envs.copy_pages():
+        return False
+    return from_mount or not on_fuse(images)
 
 
 def restore(
@@ -279,12 +284,14 @@ def restore(
     stdio_fd: int,
     extra: tuple[str, ...] = (),
     pass_fds: tuple[int, ...] = (),
+    from_mount: bool = False,
 ) -> int:
     """Restore detached; the engine's stdout/stderr pipe is replaced by stdio_fd (the write end of
-    a new pipe). Returns the restored root's pid (a child of the nearest subreaper)."""
+    a new pipe). Returns the restored root's pid (a child of the nearest subreaper). from_mount:
+    see maps_pages."""
     pidfile = workdir / RESTORED_PIDFILE
     argv = ["--restore-detached", "--pidfile", str(pidfile)]
-    if maps_pages(criu, images):
+    if maps_pages(criu, images, from_mount):
         argv.append(PAGE_MAPPING)
     argv += ["--inherit-fd", f"fd[{stdio_fd}]:{stdio_pipe}", *extra]
     fds = (stdio_fd, *pass_fds)

@@ -72,9 +72,10 @@ def restore(
     netns: str,
     stdio_pipe: str,
     stdio_fd: int,
+    from_mount: bool = False,
 ) -> int:
     """Restore an isolated snapshot into the prepared network namespace netns; returns the
-    restored pid 1 (host pid)."""
+    restored pid 1 (host pid). from_mount: see criu.maps_pages."""
     net_fd = os.open(NETNS_DIR / netns, os.O_RDONLY)
     try:
         return criu_mod.restore(
@@ -92,6 +93,7 @@ def restore(
                 f"fd[{net_fd}]:{NET_KEY}",
             ),
             pass_fds=(net_fd,),
+            from_mount=from_mount,
         )
     finally:
         os.close(net_fd)

@@ -33,8 +33,11 @@ def attempt_dir(run_dir: Path, operation: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{operation}-", dir=run_dir))
 
 
-def restore_host(snapshot: Path, manifest: Manifest, run_dir: Path, sink: BinaryIO) -> EngineTree:
-    """Restore a host-layout snapshot (at path snapshot); the engine's output goes to sink."""
+def restore_host(
+    snapshot: Path, manifest: Manifest, run_dir: Path, sink: BinaryIO, from_mount: bool = False
+) -> EngineTree:
+    """Restore a host-layout snapshot (at path snapshot); the engine's output goes to sink.
+    from_mount: a lazily mounted remote snapshot (criu.maps_pages)."""
     criu, workdir = criu_mod.find_criu(), attempt_dir(run_dir, "restore")
     with shm.criu_lock():
         placed = shm.put_back(snapshot / "shm")
@@ -42,7 +45,12 @@ def restore_host(snapshot: Path, manifest: Manifest, run_dir: Path, sink: Binary
             tree = restore_and_adopt(
                 workdir,
                 lambda fd: criu_mod.restore(
-                    criu, snapshot / "images", workdir, manifest.stdio_pipe, fd
+                    criu,
+                    snapshot / "images",
+                    workdir,
+                    manifest.stdio_pipe,
+                    fd,
+                    from_mount=from_mount,
                 ),
                 manifest.stdio_pipe,
                 sink,
@@ -56,14 +64,21 @@ def restore_host(snapshot: Path, manifest: Manifest, run_dir: Path, sink: Binary
 
 
 def restore_isolated(
-    snapshot: Path, manifest: Manifest, netns: str, run_dir: Path, sink: BinaryIO
+    snapshot: Path,
+    manifest: Manifest,
+    netns: str,
+    run_dir: Path,
+    sink: BinaryIO,
+    from_mount: bool = False,
 ) -> EngineTree:
     """Restore an isolated snapshot (at path snapshot) into the network namespace netns."""
     criu, workdir = criu_mod.find_criu(), attempt_dir(run_dir, "restore")
     images = snapshot / "images"
     tree = restore_and_adopt(
         workdir,
-        lambda fd: isolation.restore(criu, images, workdir, netns, manifest.stdio_pipe, fd),
+        lambda fd: isolation.restore(
+            criu, images, workdir, netns, manifest.stdio_pipe, fd, from_mount
+        ),
         manifest.stdio_pipe,
         sink,
         isolated=True,

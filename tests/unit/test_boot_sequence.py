@@ -122,7 +122,9 @@ class FakeSite:
         self.spawned_env = env
         return FakeTree()  # type: ignore[return-value]
 
-    def restore(self, snapshot: Path, manifest: Manifest, run_dir: Path) -> EngineTree:
+    def restore(
+        self, snapshot: Path, manifest: Manifest, run_dir: Path, from_mount: bool = False
+    ) -> EngineTree:
         self.calls.append("restore")
         if self.restore_fails:
             raise OSError("criu says no")
