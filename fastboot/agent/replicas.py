@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from fastboot import engines
+from fastboot import engines, envs
 from fastboot.boot import sequence
 from fastboot.boot.site import IsolatedSite
 from fastboot.errors import FastbootError
@@ -74,6 +74,9 @@ class AgentConfig:
     limits: Limits = field(default_factory=Limits)
     ready_timeout_s: float = sequence.RESTORE_TIMEOUT_S
     """How long a restored replica may take to answer."""
+    snapshot_remote: str | None = None
+    """Remote image store to restore snapshots the store lacks from, lazily
+    (fastboot.imagefs.lazy_snapshots); the mounts stay until the agent exits."""
 
     @property
     def netns_prefix(self) -> str:
@@ -138,6 +141,11 @@ class ReplicaManager:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
+        self.remote: Any = None
+        """fastboot.imagefs.lazy_snapshots.RemoteSnapshots, with config.snapshot_remote."""
+        self.mounted: dict[str, sequence.LazySnapshot] = {}
+        """Remote snapshots mounted here, by id: every later replica restores from the mount."""
+        self._mounting = asyncio.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -161,6 +169,9 @@ class ReplicaManager:
         live = [r for r in self.replicas.values() if r.state in LIVE_STATES]
         await asyncio.gather(*(self.stop(r.id) for r in live), return_exceptions=True)
         sweep(self.config.name, keep=set())
+        for lazy in self.mounted.values():
+            await asyncio.to_thread(lazy.release)  # after the replicas that map it
+        self.mounted.clear()
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -217,12 +228,19 @@ class ReplicaManager:
 
     async def restore(self, prefixes: str | Sequence[str], count: int) -> list[Replica]:
         """Start count restores in parallel of a snapshot, or of the first of several that fits
-        this host (choose); returns the replicas (restoring)."""
-        manifest = self.choose([prefixes] if isinstance(prefixes, str) else prefixes)
+        this host (choose; with a snapshot remote, a snapshot held nowhere here is mounted from
+        it lazily); returns the replicas (restoring)."""
+        wanted = [prefixes] if isinstance(prefixes, str) else list(prefixes)
         free = self.config.slots - self.slots_used
         if count > free:
             raise Conflict(f"{count} replicas asked, {free} of {self.config.slots} slots free")
-        await asyncio.to_thread(self._verify, manifest)
+        try:
+            manifest = self.choose(wanted)
+            await asyncio.to_thread(self._verify, manifest)
+        except NotFound:
+            if self.config.snapshot_remote is None:
+                raise
+            manifest = await self._mount_remote(wanted)
         # An index is free only once its replica's namespace is gone, not when it died.
         used = {r.index for r in self.replicas.values() if not r.released}
         indexes = list(itertools.islice((i for i in itertools.count() if i not in used), count))
@@ -243,6 +261,47 @@ class ReplicaManager:
             task.add_done_callback(self._tasks.discard)
         self._forget_old()
         return started
+
+    async def _mount_remote(self, wanted: Sequence[str]) -> Manifest:
+        """The first of wanted (full snapshot ids) that the remote has and this host fits,
+        mounted (once per agent); NotFound / SnapshotInvalid as choose() says them."""
+        async with self._mounting:
+            reasons = []
+            for snapshot_id in wanted:
+                lazy = self.mounted.get(snapshot_id) or await asyncio.to_thread(
+                    self._open_remote, snapshot_id
+                )
+                if lazy is None:
+                    reasons.append(f"no snapshot {snapshot_id} here or on the remote")
+                    continue
+                self.mounted[snapshot_id] = lazy
+                if (why := self.unfit(lazy.manifest)) is None and lazy.manifest.isolation:
+                    return lazy.manifest
+                reasons.append(
+                    f"snapshot {snapshot_id} does not fit this host: {why or 'not isolated'}"
+                )
+            raise NotFound("; ".join(reasons))
+
+    def _open_remote(self, snapshot_id: str) -> sequence.LazySnapshot | None:
+        if self.remote is None:
+            # The image store's numpy and zstd load only on an agent with a remote.
+            from fastboot.imagefs.lazy_snapshots import RemoteSnapshots
+            from fastboot.imagefs.store import ImageStore
+
+            assert self.config.snapshot_remote is not None
+            self.remote = RemoteSnapshots(
+                self.config.snapshot_remote, ImageStore(envs.image_store())
+            )
+        lazy: sequence.LazySnapshot | None = self.remote.open(snapshot_id)
+        if lazy is not None:
+            logger.info(
+                "mounted snapshot %s from %s in %.2f s (restored lazily)",
+                snapshot_id[:12],
+                self.config.snapshot_remote,
+                lazy.seconds,
+            )
+            lazy.fetch_rest()
+        return lazy
 
     def _verify(self, manifest: Manifest) -> None:
         try:
@@ -297,6 +356,7 @@ class ReplicaManager:
             hooks_module=manifest.hooks,
             timeout_s=self.config.ready_timeout_s,
             adopted=adopted,
+            mounted=lazy.path if (lazy := self.mounted.get(manifest.id)) else None,
         )
         replica.ready_s = time.monotonic() - start
         replica.state = "ready"

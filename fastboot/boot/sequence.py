@@ -136,11 +136,14 @@ def restore(
     hooks_module: str | None,
     timeout_s: float,
     adopted: Callable[[EngineTree], None] | None = None,
+    mounted: Path | None = None,
 ) -> EngineTree:
     """Restore a verified snapshot at site and check() it; adopted(tree) runs between the
-    restore and the checks. Raises on any failure, with the restored tree stopped."""
+    restore and the checks. Raises on any failure, with the restored tree stopped. mounted:
+    the snapshot is not in store but lazily mounted there (LazySnapshot.path)."""
     step = time.monotonic()
-    tree = site.restore(store.path(manifest.id), manifest, run_dir)
+    path = mounted or store.path(manifest.id)
+    tree = site.restore(path, manifest, run_dir, mounted is not None)
     logger.debug("criu restore took %.3f s", time.monotonic() - step)
     if adopted is not None:
         try:

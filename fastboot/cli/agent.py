@@ -20,6 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token-file", type=Path, required=True, help="file holding the API's bearer token"
     )
+    parser.add_argument(
+        "--snapshot-remote",
+        default=None,
+        help="remote image store (http://) to restore snapshots this host lacks from, lazily "
+        "(`fastboot snapshot push`; default $FASTBOOT_SNAPSHOT_REMOTE)",
+    )
     parser.add_argument("--name", default="a", help="short agent name, [a-z0-9]{1,6} (default a)")
     parser.add_argument(
         "--snapshot-dir", type=Path, default=None, help="default $FASTBOOT_HOME/snapshots"
@@ -94,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         routes=tuple(args.replica_route),
         limits=Limits(args.replica_memory, args.replica_cpus),
         ready_timeout_s=args.ready_timeout,
+        snapshot_remote=args.snapshot_remote or envs.snapshot_remote(),
     )
     uvloop.run(serve(config, token, host.strip("[]"), int(port)))
     return 0

@@ -27,8 +27,7 @@ from fastboot.imagefs.store import ImageStore, pid_alive
 from fastboot.imagefs.sync import pull
 from fastboot.imagefs.testing import Nginx
 from fastboot.models.tiny import cpu_serve_flags
-from fastboot.snapshot.fingerprint import current as current_fingerprint
-from fastboot.snapshot.store import Manifest, SnapshotId, Store
+from fastboot.snapshot.store import Manifest, Store
 from tests.engine_process import (
     RESTORED,
     FastbootRun,
@@ -36,6 +35,7 @@ from tests.engine_process import (
     processes_mentioning,
     serving,
 )
+from tests.fake_snapshots import fake_snapshot
 
 pytestmark = [
     pytest.mark.integration,
@@ -280,29 +280,6 @@ def test_unknown_image_fails_before_anything_starts(env: Env, tmp_path: Path) ->
     assert "no image 'no-such-image'" in run.text()
     assert "cold boot" not in run.text()
     assert not processes_mentioning(f"--port {env.port}")
-
-
-def fake_snapshot(snapshots: Path) -> Manifest:
-    """A published snapshot with a few files (what unpack-snapshot checks does not need CRIU)."""
-    store = Store(snapshots)
-    manifest = Manifest(
-        id=SnapshotId("0123456789abcdef01234567"),
-        key={"engine": "vllm", "model": {"name": "fake"}},
-        fingerprint=current_fingerprint("vllm test"),
-        oracle={},
-        created=time.time(),
-        cold_boot_s=1.0,
-        dump_s=1.0,
-        engine_argv=[],
-        stdio_pipe="pipe:[1]",
-    )
-    with store.partial(manifest.id) as partial:
-        (partial / "images").mkdir()
-        (partial / "images" / "pages-1.img").write_bytes(os.urandom(5 << 20))
-        (partial / "images" / "core-1.img").write_bytes(b"core")
-        (partial / "shm").mkdir()
-        (partial / "shm" / "psm_x").write_bytes(b"\0" * 4096)
-        return store.publish(partial, manifest)
 
 
 def test_unpack_snapshot_publishes_only_what_matches_its_manifest(tmp_path: Path) -> None:

@@ -1,0 +1,329 @@
+"""A replica on a host that has never seen the snapshot: cold boot vs full pull vs lazy restore.
+
+One run, in a network namespace of its own (only loopback; the script re-executes itself under
+`unshare --net`): host A cold-boots the built-in model with `fastboot serve` (which snapshots
+it) and publishes the snapshot with `fastboot snapshot push` into a directory nginx serves on
+loopback. Then each "fresh host" is another FASTBOOT_HOME (empty image store and SSD cache, no
+snapshot) with the served files dropped from the page cache (posix_fadvise DONTNEED: the remote
+store's pages are cold), measured from starting `fastboot serve` to its first answered
+completion after the restore proved its oracle:
+
+  (a) cold boot: `fastboot serve --fastboot-no-snapshot` (plain vLLM);
+  (b) full verified pull + local restore: `fastboot image unpack-snapshot`, then `fastboot serve`;
+  (c) lazy restore: `fastboot serve --fastboot-snapshot-remote URL`, pages mapped from the mount;
+  (c-copy) the same with the page images copied through the mount (FASTBOOT_COPY_PAGES=1);
+  (c-again) a second lazy replica on the same host (its SSD cache holds what the first fetched).
+
+Bytes fetched are what nginx sent (its access log, $body_bytes_sent) from the start of a run
+until its first answer. Also: what the snapshot adds to a store that already holds another
+snapshot of the same model (`--dedup`: a second snapshot on another port).
+
+    .venv/bin/python benchmarks/fresh_host.py [--size tiny|1gib] [--dedup] [--keep]
+
+Writes benchmarks/results/fresh_host[_1gib].json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.boot_latency import log_since, timed_boot  # noqa: E402
+from fastboot.imagefs.testing import Nginx  # noqa: E402
+from fastboot.models.tiny import cpu_serve_flags, write_tiny_llama  # noqa: E402
+from fastboot.serve import free_port  # noqa: E402
+from fastboot.snapshot.store import Manifest, Store  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+IN_NETNS = "FASTBOOT_BENCH_NETNS"
+RESTORED = "restored snapshot"
+
+
+class CountingNginx(Nginx):
+    """nginx that logs each response's time and body bytes (unbuffered, one line each)."""
+
+    def __init__(self, root: Path, workdir: Path) -> None:
+        super().__init__(root, workdir)
+        self.access = workdir / "access.log"
+        text = self.config.read_text().replace(
+            "access_log off;",
+            f"log_format sent '$msec $body_bytes_sent $uri';\n    access_log {self.access} sent;",
+        )
+        self.config.write_text(text)
+
+    def sent_between(self, start: float, end: float) -> dict[str, int]:
+        """Bytes and requests answered in [start, end] (wall clock)."""
+        total = requests = 0
+        if self.access.exists():
+            for line in self.access.read_text().splitlines():
+                stamp, sent, _ = line.split(" ", 2)
+                if start <= float(stamp) <= end:
+                    total += int(sent)
+                    requests += 1
+        return {"bytes": total, "requests": requests}
+
+
+def drop_cached(root: Path) -> None:
+    """Evict every file under root from the page cache (the remote store's disk is cold)."""
+    for path in root.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def fastboot(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fastboot", *args]
+
+
+def fresh_home(work: Path, name: str) -> dict[str, str]:
+    home = work / name
+    shutil.rmtree(home, ignore_errors=True)
+    (home / "tmp").mkdir(parents=True)
+    return {"FASTBOOT_HOME": str(home), "TMPDIR": str(home / "tmp")}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=("tiny", "1gib"), default="tiny")
+    parser.add_argument("--dedup", action="store_true", help="also push a second snapshot")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (GBs)")
+    args = parser.parse_args()
+    if os.environ.get(IN_NETNS) != "1":
+        # Everything, nginx included, on a loopback nobody else shares.
+        argv = ["unshare", "--net", "--", sys.executable, *sys.argv]
+        return subprocess.call(argv, env={**os.environ, IN_NETNS: "1"})
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    work = Path(tempfile.mkdtemp(prefix="fastboot-fresh-host-"))
+    try:
+        return bench(work, args.size, args.dedup)
+    finally:
+        if args.keep:
+            print(f"work dir kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def bench(work: Path, size: str, dedup: bool) -> int:
+    os.chmod(work, 0o755)  # nginx workers read the served directory
+    model = write_tiny_llama(work / "model", size)
+    port = free_port()
+    flags = [str(model), "--port", str(port), *cpu_serve_flags(size)]
+    served, log = work / "served", work / "bench.log"
+    out: dict[str, Any] = {
+        "size": size,
+        "host": {"kernel": platform.release(), "cpus": os.cpu_count()},
+        "loadavg_at_start": os.getloadavg(),
+        "created": time.time(),
+    }
+    host_a = fresh_home(work, "host-a")
+    snapshots_a = Path(host_a["FASTBOOT_HOME"]) / "snapshots"
+    first = timed_boot(
+        fastboot("serve", *flags),
+        port,
+        str(model),
+        log,
+        signal.SIGINT,
+        snapshots_a,
+        RESTORED,
+        extra_env=host_a,
+    )
+    cold_line = re.search(r"cold boot ready in ([\d.]+) s", log.read_text())
+    assert cold_line, "no cold boot line"
+    (manifest,) = [m for m in Store(snapshots_a).list() if isinstance(m, Manifest)]
+    out["host_a"] = {"first_serve_s": first, "cold_boot_s": float(cold_line[1])}
+    out["snapshot"] = {"id": manifest.id, "bytes": manifest.total_bytes}
+    out["push"] = push(manifest.id, served, host_a)
+    if dedup:
+        out["dedup"] = second_snapshot(model, size, served, host_a, log)
+    server = CountingNginx(served, work / "nginx")
+    server.start()
+    try:
+        out["runs"] = runs(work, flags, port, str(model), log, server)
+    finally:
+        server.stop()
+    summarise(out)
+    name = "fresh_host" if size == "tiny" else f"fresh_host_{size}"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1) + "\n")
+    plot(out, RESULTS / f"{name}.png")
+    return 0
+
+
+def push(snapshot_id: str, served: Path, home: dict[str, str]) -> dict[str, Any]:
+    start = time.monotonic()
+    done = subprocess.run(
+        fastboot("snapshot", "push", snapshot_id, "--to", str(served)),
+        env={**os.environ, **home},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    line = done.stdout.strip()
+    print(line)
+    numbers = [float(x) for x in re.findall(r"([\d.]+) GB", line)]
+    return {
+        "seconds": time.monotonic() - start,
+        "files_gb": numbers[0],
+        "stored_gb": numbers[1],
+        "new_gb": numbers[2],
+        "line": line,
+    }
+
+
+def second_snapshot(
+    model: Path, size: str, served: Path, home: dict[str, str], log: Path
+) -> dict[str, Any]:
+    """Another snapshot of the same model and engine (another port), pushed into the same
+    store: what it adds there is what the two do not share."""
+    port = free_port()
+    flags = [str(model), "--port", str(port), *cpu_serve_flags(size)]
+    snapshots = Path(home["FASTBOOT_HOME"]) / "snapshots"
+    before = {m.id for m in Store(snapshots).list() if isinstance(m, Manifest)}
+    timed_boot(
+        fastboot("serve", *flags),
+        port,
+        str(model),
+        log,
+        signal.SIGINT,
+        None,
+        RESTORED,
+        extra_env=home,
+    )
+    (new,) = [m for m in Store(snapshots).list() if isinstance(m, Manifest) and m.id not in before]
+    return push(new.id, served, home)
+
+
+def runs(
+    work: Path, flags: list[str], port: int, model: str, log: Path, server: CountingNginx
+) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    remote = ["--fastboot-snapshot-remote", server.url]
+
+    def measure(name: str, argv: list[str], home: dict[str, str], **kw: Any) -> None:
+        drop_cached(server.root)
+        start_wall, offset = time.time(), log.stat().st_size
+        answered: list[float] = []
+        seconds = kw.pop("before_s", 0.0) + timed_boot(
+            argv,
+            port,
+            model,
+            log,
+            signal.SIGINT,
+            None,
+            kw.pop("ready", RESTORED),
+            extra_env={**home, **kw.pop("env", {})},
+            after=lambda: answered.append(time.time()),
+        )
+        text = log_since(log, offset)
+        assert "Traceback" not in text, text[-3000:]
+        results[name] = {
+            "first_answer_s": seconds,
+            "before_first_answer": server.sent_between(start_wall, answered[0]),
+            "cold_booted": "cold boot ready" in text,
+            "lazy": "lazily from" in text,
+        }
+        print(f"{name}: {seconds:.2f} s, {results[name]}")
+
+    measure(
+        "a_cold_boot",
+        fastboot("serve", *flags, "--fastboot-no-snapshot"),
+        fresh_home(work, "fresh-a"),
+        ready=None,
+    )
+    home = fresh_home(work, "fresh-b")
+    drop_cached(server.root)
+    start = time.monotonic()
+    subprocess.run(
+        fastboot("image", "unpack-snapshot", f"snap-{snapshot_id(work)}", "--remote", server.url),
+        env={**os.environ, **home},
+        check=True,
+        capture_output=True,
+    )
+    pulled = time.monotonic() - start
+    measure("b_full_pull_then_restore", fastboot("serve", *flags), home, before_s=pulled)
+    results["b_full_pull_then_restore"]["pull_s"] = pulled
+    home = fresh_home(work, "fresh-c")
+    measure("c_lazy_mapped", fastboot("serve", *flags, *remote), home)
+    measure("c_lazy_again_same_host", fastboot("serve", *flags, *remote), home)
+    measure(
+        "c_lazy_copied",
+        fastboot("serve", *flags, *remote),
+        fresh_home(work, "fresh-d"),
+        env={"FASTBOOT_COPY_PAGES": "1"},
+    )
+    return results
+
+
+def snapshot_id(work: Path) -> str:
+    (manifest,) = [
+        m for m in Store(work / "host-a" / "snapshots").list() if isinstance(m, Manifest)
+    ][:1]
+    return manifest.id
+
+
+def summarise(out: dict[str, Any]) -> None:
+    runs, total = out["runs"], out["snapshot"]["bytes"]
+    full = runs["b_full_pull_then_restore"]["first_answer_s"]
+    print(
+        f"\nsnapshot {out['snapshot']['id'][:12]}: {total / 1e9:.2f} GB of files, "
+        f"{out['push']['stored_gb']:.2f} GB stored"
+    )
+    print(
+        f"{'run':28} {'first answer':>12} {'vs full pull':>12} {'fetched':>10} {'of snapshot':>11}"
+    )
+    for name, run in runs.items():
+        fetched = run["before_first_answer"]["bytes"]
+        run["speedup_vs_full_pull"] = full / run["first_answer_s"]
+        run["fetched_share_of_snapshot"] = fetched / total
+        print(
+            f"{name:28} {run['first_answer_s']:>10.2f} s {run['speedup_vs_full_pull']:>11.1f}x "
+            f"{fetched / 1e6:>7.0f} MB {100 * fetched / total:>10.1f}%"
+        )
+    if "dedup" in out:
+        print(
+            f"second snapshot: {out['dedup']['files_gb']:.2f} GB of files, "
+            f"{out['dedup']['new_gb']:.2f} GB new in the store"
+        )
+
+
+def plot(out: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(out["runs"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.barh(names, [out["runs"][n]["first_answer_s"] for n in names])
+    left.set_xscale("log")
+    left.set_xlabel("seconds to first answer (log)")
+    right.barh(names, [out["runs"][n]["before_first_answer"]["bytes"] / 1e6 for n in names])
+    right.set_xlabel("MB fetched before the first answer")
+    right.set_yticks([])
+    fig.suptitle(
+        f"fresh host, {out['size']} model ({out['snapshot']['bytes'] / 1e9:.2f} GB snapshot)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
