@@ -68,6 +68,12 @@ def snapshot_remote() -> str | None:
     return os.environ.get("FASTBOOT_SNAPSHOT_REMOTE") or None
 
 
+def snapshot_fetch() -> str:
+    """FASTBOOT_SNAPSHOT_FETCH: how a snapshot missing here is brought from the snapshot
+    remote: "copy" (default) or "mount" (fastboot.imagefs.lazy_snapshots.FETCH_MODES)."""
+    return os.environ.get("FASTBOOT_SNAPSHOT_FETCH") or "copy"
+
+
 def image_push_dir() -> str | None:
     """FASTBOOT_IMAGE_PUSH_DIR: the directory `fastboot image push` publishes into (what the
     remote's static HTTP server serves)."""

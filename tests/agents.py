@@ -23,6 +23,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import openai
+
+from fastboot.host import netns
 from fastboot.host.proctree import tree_pids
 from fastboot.models.tiny import cpu_serve_flags
 from tests.engine_process import log_tail
@@ -223,3 +226,21 @@ def agent_process(snapshots: Path, state: Path, log: Path, **kwargs: Any) -> Ite
         yield agent
     finally:
         agent.stop()
+
+
+def host_state(prefix: str) -> dict[str, object]:
+    """What a test must leave as it found: namespaces, links, mounts of an agent prefix."""
+    mounts = Path("/proc/self/mountinfo").read_text().count("\n")
+    return {
+        "netns": netns.ours(f"fb-{prefix}-"),
+        "links": netns.host_links(f"fb{prefix}h"),
+        "mounts": mounts,
+    }
+
+
+def complete(replica: dict[str, object], prompt: str = "hello") -> str:
+    client = openai.OpenAI(base_url=str(replica["base_url"]), api_key="unused", max_retries=0)
+    reply = client.completions.create(
+        model=str(replica["model"]), prompt=prompt, max_tokens=4, temperature=0
+    )
+    return reply.choices[0].text

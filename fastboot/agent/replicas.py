@@ -145,6 +145,8 @@ class ReplicaManager:
         """fastboot.imagefs.lazy_snapshots.RemoteSnapshots, with config.snapshot_remote."""
         self.mounted: dict[str, sequence.LazySnapshot] = {}
         """Remote snapshots mounted here, by id: every later replica restores from the mount."""
+        self.fetched: dict[str, sequence.LazySnapshot] = {}
+        """Remote snapshots fetched into the store whose digests are not confirmed yet."""
         self._mounting = asyncio.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -274,7 +276,7 @@ class ReplicaManager:
                 if lazy is None:
                     reasons.append(f"no snapshot {snapshot_id} here or on the remote")
                     continue
-                self.mounted[snapshot_id] = lazy
+                (self.mounted if lazy.mounted else self.fetched)[snapshot_id] = lazy
                 if (why := self.unfit(lazy.manifest)) is None and lazy.manifest.isolation:
                     return lazy.manifest
                 reasons.append(
@@ -290,7 +292,10 @@ class ReplicaManager:
 
             assert self.config.snapshot_remote is not None
             self.remote = RemoteSnapshots(
-                self.config.snapshot_remote, ImageStore(envs.image_store())
+                self.config.snapshot_remote,
+                ImageStore(envs.image_store()),
+                self.config.store,
+                envs.snapshot_fetch(),
             )
         lazy: sequence.LazySnapshot | None = self.remote.open(snapshot_id)
         if lazy is not None:
@@ -300,7 +305,6 @@ class ReplicaManager:
                 self.config.snapshot_remote,
                 lazy.seconds,
             )
-            lazy.fetch_rest()
         return lazy
 
     def _verify(self, manifest: Manifest) -> None:
@@ -356,10 +360,12 @@ class ReplicaManager:
             hooks_module=manifest.hooks,
             timeout_s=self.config.ready_timeout_s,
             adopted=adopted,
-            mounted=lazy.path if (lazy := self.mounted.get(manifest.id)) else None,
+            mounted=mounted.path if (mounted := self.mounted.get(manifest.id)) else None,
         )
         replica.ready_s = time.monotonic() - start
         replica.state = "ready"
+        if lazy := self.fetched.pop(manifest.id, None) or self.mounted.get(manifest.id):
+            lazy.fetch_rest()  # mounted: the rest local, so replicas stop needing the remote
         logger.info(
             "replica %s of %s ready at %s in %.2f s (criu restore %.2f s)",
             replica.id,

@@ -244,7 +244,10 @@ class LazySnapshot(Protocol):
     manifest: Manifest
     path: Path
     seconds: float
-    """Record, index, checks and mount."""
+    """Record, index, checks, and the fetch or the mount."""
+    mounted: bool
+    """True: path is the mounted image (restored from the mount, pages mapped from it); False:
+    the snapshot was fetched into the local store and path is its directory there."""
 
     def fetch_rest(self) -> None:
         """Bring the rest of it local in the background."""
@@ -308,17 +311,19 @@ def _try_remote(
     if lazy is None:
         logger.info("no snapshot %s here or on %s yet: cold boot", snapshot_id[:12], remote.url)
         return None
-    tree = _restore_checked(spec, site, target, lazy.path, lazy.manifest, run_dir, True)
+    tree = _restore_checked(
+        spec, site, target, lazy.path, lazy.manifest, run_dir, from_mount=lazy.mounted
+    )
     if tree is None:
         lazy.release()
         return None
     logger.info(
-        "restored snapshot %s in %.2f s; cold boot was %.1f s (lazily from %s: mounted and "
-        "checked in %.2f s)",
+        "restored snapshot %s in %.2f s; cold boot was %.1f s (lazily from %s: %s in %.2f s)",
         snapshot_id[:12],
         time.monotonic() - start,
         lazy.manifest.cold_boot_s,
         remote.url,
+        "mounted and checked" if lazy.mounted else "fetched and checked",
         lazy.seconds,
     )
     lazy.fetch_rest()

@@ -30,6 +30,7 @@ exactly the bytes the publisher verified, or none.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
@@ -41,11 +42,12 @@ from typing import Any
 
 from fastboot.errors import ImageCorruptError, ImageFSError
 from fastboot.imagefs.build import build
-from fastboot.imagefs.index import ImageIndex
+from fastboot.imagefs.index import ChunkRef, ImageIndex
 from fastboot.imagefs.mount import MountOptions
+from fastboot.imagefs.prefetch import Span, plan
 from fastboot.imagefs.remote import RemoteClient
 from fastboot.imagefs.shared import SharedMount
-from fastboot.imagefs.store import ImageRef, ImageStore, digest_of
+from fastboot.imagefs.store import ImageRef, ImageStore, decode, digest_of
 from fastboot.snapshot.digests import DIGEST_CACHE, DigestCache
 from fastboot.snapshot.store import MANIFEST, Manifest, SnapshotInvalid, Store
 
@@ -221,33 +223,42 @@ class MountedSnapshot:
     remote: str
     seconds: float
     """Record, index, checks and mount."""
+    mounted: bool = True
     _fetch: threading.Thread | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def fetch_rest(self) -> None:
         """Bring every chunk into the SSD cache in the background (verified), so that replicas
-        mapped from the mount stop depending on the remote; failures are logged."""
+        mapped from the mount stop depending on the remote; failures are logged. Once: later
+        calls do nothing. Called after the first restore answered, so that it does not compete
+        with that restore for the network and the cores."""
+        with self._lock:
+            if self._fetch is not None:
+                return
+            self._fetch = threading.Thread(
+                target=self._fetch_all, name="fetch-snapshot", daemon=True
+            )
+        self._fetch.start()
+
+    def _fetch_all(self) -> None:
         from fastboot.imagefs.sync import fetch_all  # sync imports lazy tiers: only when used
 
-        def run() -> None:
-            client = RemoteClient(self.remote)
-            started = time.monotonic()
-            try:
-                got = fetch_all(self.mount.store, self.index, client, progress=False)
-                logger.info(
-                    "snapshot %s is all local: %.2f GB fetched in the background in %.1f s",
-                    self.manifest.id[:12],
-                    got / 1e9,
-                    time.monotonic() - started,
-                )
-            except (ImageFSError, OSError) as exc:
-                logger.warning(
-                    "background fetch of snapshot %s stopped: %s", self.manifest.id[:12], exc
-                )
-            finally:
-                client.close()
-
-        self._fetch = threading.Thread(target=run, name="fetch-snapshot", daemon=True)
-        self._fetch.start()
+        client = RemoteClient(self.remote)
+        started = time.monotonic()
+        try:
+            got = fetch_all(self.mount.store, self.index, client, progress=False)
+            logger.info(
+                "snapshot %s is all local: %.2f GB fetched in the background in %.1f s",
+                self.manifest.id[:12],
+                got / 1e9,
+                time.monotonic() - started,
+            )
+        except (ImageFSError, OSError) as exc:
+            logger.warning(
+                "background fetch of snapshot %s stopped: %s", self.manifest.id[:12], exc
+            )
+        finally:
+            client.close()
 
     def release(self) -> None:
         self.mount.release()
@@ -283,21 +294,176 @@ def open_lazy(
     return MountedSnapshot(record.manifest, path, mount, index, remote, time.monotonic() - started)
 
 
+#: How a missing snapshot is brought here (FASTBOOT_SNAPSHOT_FETCH; measured in
+#: docs/snapshots.md "A host that never saw the snapshot"): "copy" fetches every file into the
+#: snapshot store with parallel ranged GETs (zero chunks skipped) and restores it as a local
+#: snapshot; "mount" restores from the mounted image, page images mapped.
+FETCH_MODES = ("copy", "mount")
+
+
 @dataclass
 class RemoteSnapshots:
-    """The remote a host restores missing snapshots from (fastboot.boot.sequence.SnapshotRemote);
-    every mount it opens is also appended to held, which its owner releases after the engines
-    have stopped (a mapped replica reads its mount until it exits)."""
+    """The remote a host restores missing snapshots from (fastboot.boot.sequence.SnapshotRemote).
+    Mounts it opens are also appended to held, which its owner releases after the engines have
+    stopped (a mapped replica reads its mount until it exits)."""
 
     url: str
     store: ImageStore
+    snapshots: Store
+    """Where a fetched ("copy") snapshot is published."""
+    mode: str = "copy"
     held: list[Any] = field(default_factory=list)
 
-    def open(self, snapshot_id: str) -> MountedSnapshot | None:
-        lazy = open_lazy(snapshot_id, self.url, self.store)
-        if lazy is not None:
-            self.held.append(lazy.mount)
-        return lazy
+    def open(self, snapshot_id: str) -> FetchedSnapshot | MountedSnapshot | None:
+        if self.mode == "mount":
+            lazy = open_lazy(snapshot_id, self.url, self.store)
+            if lazy is not None:
+                self.held.append(lazy.mount)
+            return lazy
+        return fetch(snapshot_id, self.url, self.store, self.snapshots)
+
+
+@dataclass
+class FetchedSnapshot:
+    """A remote snapshot fetched into the local snapshot store (FETCH_MODES "copy")."""
+
+    manifest: Manifest
+    path: Path
+    store: Store
+    seconds: float
+    fetched_bytes: int
+    """Bytes received from the remote (compressed chunks)."""
+    mounted: bool = False
+    _confirm: threading.Thread | None = field(default=None, repr=False)
+
+    def fetch_rest(self) -> None:
+        """Nothing is left to fetch; hash every file against the manifest in the background
+        (fsynced first), which puts the digests in the store's cache for the next restore.
+        A mismatch (the chain of trust broken) removes the snapshot, loudly."""
+        if self._confirm is None:
+            self._confirm = threading.Thread(target=self._hash, name="confirm", daemon=True)
+            self._confirm.start()
+
+    def _hash(self) -> None:
+        for path in self.path.rglob("*"):
+            if path.is_file():
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        digests = DigestCache(self.store.root / DIGEST_CACHE)
+        try:
+            self.store.verify(self.manifest.id, digests)
+            digests.save()
+        except SnapshotInvalid as exc:
+            logger.error(
+                "fetched snapshot %s is not its manifest (%s); removed it", self.manifest.id, exc
+            )
+            self.store.remove(self.manifest.id)
+
+    def release(self) -> None:
+        """Nothing to release: the snapshot is local."""
+
+
+def fetch(
+    snapshot_id: str, remote: str, store: ImageStore, snapshots: Store, threads: int = 8
+) -> FetchedSnapshot | None:
+    """Fetch remote snapshot snapshot_id into snapshots, every chunk verified against the index
+    its record names (refused as open_lazy refuses), and publish it; None when the remote has no
+    such snapshot. Nothing partial is ever published: any error removes what was written."""
+    started = time.monotonic()
+    client = RemoteClient(remote)
+    try:
+        record = fetch_record(client, snapshot_id)
+        if record is None:
+            return None
+        store.ensure()
+        index = fetch_index(store, client, record)
+        check_index_files(index, record.manifest)
+        if snapshots.path(snapshot_id).exists():  # another fetch published it meanwhile
+            got = 0
+        else:
+            with snapshots.partial(record.manifest.id) as partial:
+                got = _fetch_files(index, client, partial, threads)
+                snapshots.publish(partial, record.manifest, fetched=True)
+    finally:
+        client.close()
+    seconds = time.monotonic() - started
+    logger.info(
+        "fetched snapshot %s from %s: %.2f GB of files, %.2f GB received, in %.2f s",
+        snapshot_id[:12],
+        remote,
+        record.manifest.total_bytes / 1e9,
+        got / 1e9,
+        seconds,
+    )
+    return FetchedSnapshot(record.manifest, snapshots.path(snapshot_id), snapshots, seconds, got)
+
+
+_ZERO_DIGESTS: dict[int, bytes] = {}
+
+
+def _is_zeros(ref: ChunkRef) -> bool:
+    """Whether a chunk is all zeros (then a hole in the sparse file is its bytes already)."""
+    if ref.raw_length not in _ZERO_DIGESTS:
+        _ZERO_DIGESTS[ref.raw_length] = digest_of(bytes(ref.raw_length))
+    return ref.digest == _ZERO_DIGESTS[ref.raw_length]
+
+
+def _fetch_files(index: ImageIndex, client: RemoteClient, root: Path, threads: int) -> int:
+    """Write every regular file of index but the manifest under root from verified chunks:
+    sparse files, zero chunks left as holes, each distinct chunk fetched once (neighbours in
+    one ranged GET, `threads` at a time) and written wherever it occurs. Returns bytes received."""
+    places: dict[bytes, list[tuple[int, int]]] = {}
+    refs: dict[bytes, ChunkRef] = {}
+    fds: list[int] = []
+    try:
+        for entry in range(1, len(index)):
+            rel = index.path(entry).lstrip("/")
+            if not index.is_regular(entry) or rel == MANIFEST:
+                continue
+            path = root / rel
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fds.append(fd)
+            os.ftruncate(fd, index.size(entry))
+            step = index.chunk_size_of(entry)
+            for k in range(index.chunk_count(entry)):
+                ref = index.file_chunk(entry, k)
+                if not _is_zeros(ref):
+                    refs.setdefault(ref.digest, ref)
+                    places.setdefault(ref.digest, []).append((fd, k * step))
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            futures = [
+                pool.submit(_fetch_span, client, span, places) for span in plan(list(refs.values()))
+            ]
+            try:
+                return sum(f.result() for f in futures)
+            except BaseException:
+                pool.shutdown(cancel_futures=True)
+                raise
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _fetch_span(
+    client: RemoteClient, span: Span, places: dict[bytes, list[tuple[int, int]]]
+) -> int:
+    data = memoryview(client.get_range(f"packs/{span.pack}.pack", span.offset, span.length))
+    for ref in span.chunks:
+        raw = decode(ref, data[ref.offset - span.offset : ref.offset - span.offset + ref.length])
+        if len(raw) != ref.raw_length or digest_of(raw, parallel=False) != ref.digest:
+            raise ImageCorruptError(
+                f"chunk {ref.hex[:16]}… from {client.base_url}/packs/{ref.pack[:16]}… does not "
+                "match its digest; nothing of the snapshot is kept. Push it to the remote again"
+            )
+        for fd, offset in places[ref.digest]:
+            view = memoryview(raw)
+            while view:
+                view = view[os.pwrite(fd, view, offset + len(raw) - len(view)) :]
+    return len(data)
 
 
 def _check_image_manifest(root: Path, manifest: Manifest) -> None:

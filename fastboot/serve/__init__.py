@@ -118,7 +118,10 @@ def serve(config: ServeConfig) -> int:
             from fastboot.imagefs.lazy_snapshots import RemoteSnapshots
             from fastboot.imagefs.store import ImageStore
 
-            remote = RemoteSnapshots(config.snapshot_remote, ImageStore(envs.image_store()), mounts)
+            images = ImageStore(envs.image_store())
+            remote = RemoteSnapshots(
+                config.snapshot_remote, images, config.store, envs.snapshot_fetch(), mounts
+            )
         version = engine.version(_site_packages(config.engine_python))
         return _boot(config, version, run_dir, remote)
 

@@ -112,19 +112,34 @@ def describe_files(root: Path, cache: DigestCache | None = None) -> dict[str, di
     return files
 
 
-def _lock_down(root: Path) -> None:
-    """0700 directories, 0600 files, fsynced, under root (inclusive)."""
+def _lock_down(root: Path, fsync: bool = True) -> None:
+    """0700 directories, 0600 files, fsynced (unless not fsync), under root (inclusive)."""
     for dirpath, dirnames, filenames in os.walk(root):
         os.chmod(dirpath, 0o700)
         for name in filenames:
             path = os.path.join(dirpath, name)
             os.chmod(path, 0o600)
+            if not fsync:
+                continue
             fd = os.open(path, os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
         del dirnames  # os.walk descends on its own
+
+
+def _check_listing(root: Path, manifest: Manifest) -> None:
+    """Exactly the manifest's files under root, each of its size; SnapshotInvalid otherwise."""
+    found = {
+        str(p.relative_to(root)): p.stat().st_size
+        for p in root.rglob("*")
+        if p.is_file() and p.name != MANIFEST
+    }
+    want = {rel: int(info["size"]) for rel, info in manifest.files.items()}
+    if found != want:
+        wrong = sorted(set(found.items()) ^ set(want.items()))[:3]
+        raise SnapshotInvalid(f"snapshot {manifest.id}: files differ from the manifest {wrong}")
 
 
 class Store:
@@ -153,12 +168,26 @@ class Store:
             shutil.rmtree(path, ignore_errors=True)
 
     def publish(
-        self, partial: Path, manifest: Manifest, cache: DigestCache | None = None
+        self,
+        partial: Path,
+        manifest: Manifest,
+        cache: DigestCache | None = None,
+        *,
+        fetched: bool = False,
     ) -> Manifest:
         """Lock down, describe and atomically move a complete snapshot into place. The digests
-        go into cache too (taken after the last chmod, so the next restore finds them valid)."""
-        _lock_down(partial)
-        manifest = Manifest(**{**manifest.__dict__, "files": describe_files(partial, cache)})
+        go into cache too (taken after the last chmod, so the next restore finds them valid).
+
+        fetched: the files were written from chunks verified against the image index that
+        manifest's record names (fastboot.imagefs.lazy_snapshots), so they are checked against
+        manifest's file list and sizes but neither hashed nor fsynced here, and no digest goes
+        into a cache: the first verify of the snapshot hashes them (after a crash too)."""
+        if fetched:
+            _lock_down(partial, fsync=False)
+            _check_listing(partial, manifest)
+        else:
+            _lock_down(partial)
+            manifest = Manifest(**{**manifest.__dict__, "files": describe_files(partial, cache)})
         fd = os.open(partial / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(manifest.to_json(), f, indent=2, sort_keys=True)

@@ -18,20 +18,18 @@ from fastboot.host import netns
 from fastboot.host.cgroups import ReplicaCgroup
 from fastboot.snapshot import criu as criu_mod
 from fastboot.snapshot.store import Store
-from tests.agents import Agent, agent_process, cpu_seconds, memory_kib, start_agent
+from tests.agents import (
+    Agent,
+    agent_process,
+    complete,
+    cpu_seconds,
+    host_state,
+    memory_kib,
+    start_agent,
+)
 from tests.engine_process import processes_mentioning
 
 pytestmark = pytest.mark.integration
-
-
-def host_state(prefix: str) -> dict[str, object]:
-    """What a test must leave as it found: namespaces, links, mounts of an agent prefix."""
-    mounts = Path("/proc/self/mountinfo").read_text().count("\n")
-    return {
-        "netns": netns.ours(f"fb-{prefix}-"),
-        "links": netns.host_links(f"fb{prefix}h"),
-        "mounts": mounts,
-    }
 
 
 def success_count(base_url: str) -> float:
@@ -43,14 +41,6 @@ def success_count(base_url: str) -> float:
         for line in text.splitlines()
         if line.startswith("vllm:request_success_total{")
     )
-
-
-def complete(replica: dict[str, object], prompt: str = "hello") -> str:
-    client = openai.OpenAI(base_url=str(replica["base_url"]), api_key="unused", max_retries=0)
-    reply = client.completions.create(
-        model=str(replica["model"]), prompt=prompt, max_tokens=4, temperature=0
-    )
-    return reply.choices[0].text
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from fastboot.errors import ImageCorruptError
-from fastboot.imagefs.lazy_snapshots import open_lazy, push, record_path
+from fastboot.errors import ImageCorruptError, ImageFSError
+from fastboot.imagefs.lazy_snapshots import fetch, open_lazy, push, record_path
 from fastboot.imagefs.mount import probe
 from fastboot.imagefs.store import ImageStore
 from fastboot.imagefs.testing import Nginx
@@ -170,3 +170,38 @@ def test_the_remote_dying_after_the_mount_is_a_clear_error_not_a_hang(remote: Re
     finally:
         lazy.release()
     assert not store.mounts(include_dead=True)
+
+
+def test_a_fetched_snapshot_is_published_whole_and_sparse(remote: Remote) -> None:
+    zeros_then_data = bytes(8 << 20) + os.urandom(1 << 20)  # two zero chunks, then data
+    sparse = fake_snapshot(remote.root / "a", "aaaabbbbccccddddeeeeffff", zeros_then_data)
+    push(remote.source, sparse.id, ImageStore(remote.root / "origin"), remote.served)
+    here = Store(remote.root / "g" / "snapshots")
+    got = fetch(sparse.id, remote.server.url, remote.host("g"), here)
+    assert got is not None and not got.mounted and got.path == here.path(sparse.id)
+    assert got.fetched_bytes < 2 << 20  # the zero chunks were not fetched
+    pages = got.path / "images" / "pages-1.img"
+    assert pages.read_bytes() == zeros_then_data
+    assert pages.stat().st_blocks * 512 < 4 << 20  # and are holes
+    assert stat.S_IMODE(pages.stat().st_mode) == 0o600
+    assert stat.S_IMODE(got.path.stat().st_mode) == 0o700
+    assert here.verify(sparse.id).files == sparse.files  # every digest, hashed from scratch
+    assert fetch("fedcba9876543210fedcba98", remote.server.url, remote.host("g"), here) is None
+
+
+def test_a_fetch_that_meets_a_corrupt_chunk_or_a_missing_pack_publishes_nothing(
+    remote: Remote,
+) -> None:
+    url = remote.served_copy("bad-pack")
+    (pack,) = (remote.served / "bad-pack" / "packs").glob("*.pack")
+    data = bytearray(pack.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    pack.write_bytes(bytes(data))
+    here = Store(remote.root / "h" / "snapshots")
+    with pytest.raises(ImageCorruptError, match=r"does not match its digest|does not decompress"):
+        fetch(remote.manifest.id, url, remote.host("h"), here)
+    assert not here.root.exists() or not list(here.root.iterdir())
+    pack.unlink()  # the remote lost the pack after serving the index: an HTTP 404
+    with pytest.raises(ImageFSError):
+        fetch(remote.manifest.id, url, remote.host("h"), here)
+    assert not here.root.exists() or not list(here.root.iterdir())

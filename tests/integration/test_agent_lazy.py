@@ -1,0 +1,190 @@
+"""An agent restoring replicas of a snapshot it has never held, lazily from a remote (nginx).
+
+The session's isolated snapshot is pushed (`fastboot snapshot push`) into a directory nginx
+serves; agents with an empty snapshot directory and image store restore it from there with
+`POST /v1/replicas` alone (no pull). Faults: page-image chunks corrupted on the remote, and the
+remote going away as the restore starts; each replica fails with its reason and leaves nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from fastboot.imagefs.index import ImageIndex
+from fastboot.imagefs.lazy_snapshots import record_path
+from fastboot.imagefs.testing import Nginx
+from fastboot.snapshot.store import Store
+from tests.agents import Agent, agent_process, complete, host_state
+from tests.engine_process import log_tail, processes_mentioning
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="CRIU, namespaces and FUSE need root"),
+]
+
+
+@dataclass
+class Published:
+    snapshot_id: str
+    root: Path
+    served: Path
+    server: Nginx
+
+    def url(self, store: str = "") -> str:
+        return f"{self.server.url}/{store}".rstrip("/")
+
+
+@pytest.fixture(scope="module")
+def published(
+    isolated_snapshot: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Published]:
+    snapshots, snapshot_id = isolated_snapshot
+    root = tmp_path_factory.mktemp("agent-lazy")
+    os.chmod(root, 0o755)  # nginx workers read the served directory
+    served = root / "served"
+    cli = [sys.executable, "-m", "fastboot", "snapshot", "--dir", str(snapshots), "push"]
+    done = subprocess.run(
+        [*cli, snapshot_id, "--to", str(served), "--store", str(root / "origin")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith(f"pushed {snapshot_id} to {served}"), done.stdout
+    server = Nginx(served, root / "nginx")
+    server.start()
+    try:
+        yield Published(snapshot_id, root, served, server)
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def fresh_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A host that never saw the snapshot: its own FASTBOOT_HOME (image store, mounts)."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("FASTBOOT_HOME", str(home))
+    return home
+
+
+@contextlib.contextmanager
+def lazy_agent(published: Published, work: Path, name: str, remote: str) -> Iterator[Agent]:
+    before = host_state(name)
+    with agent_process(
+        work / "snapshots",  # empty
+        work / "state",
+        work / "agent.log",
+        name=name,
+        slots=2,
+        extra=["--snapshot-remote", remote],
+    ) as agent:
+        yield agent
+    assert host_state(name) == before
+    assert not processes_mentioning("fastboot.imagefs.daemon") or all(
+        str(work) not in p for p in processes_mentioning("fastboot.imagefs.daemon")
+    )
+
+
+def wait_finished(agent: Agent, replica_id: str, timeout_s: float = 120) -> dict[str, object]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        replica = agent.ok("GET", f"/v1/replicas/{replica_id}")
+        if replica["state"] not in ("restoring",):
+            return replica  # type: ignore[no-any-return]
+        time.sleep(0.1)
+    raise AssertionError(f"replica {replica_id} still restoring:\n{log_tail(agent.log)}")
+
+
+def test_replicas_restore_lazily_from_the_remote_with_no_pull(
+    published: Published, tmp_path: Path, fresh_home: Path
+) -> None:
+    with lazy_agent(published, tmp_path, "la", published.url()) as agent:
+        assert agent.ok("GET", "/v1/snapshots")["snapshots"] == []
+        body = {"snapshot": published.snapshot_id, "count": 2}
+        replicas = agent.ok("POST", "/v1/replicas", body)["replicas"]
+        ready = [agent.wait_ready(r["id"]) for r in replicas]
+        for replica in ready:
+            assert complete(replica)  # the agent checked its oracle before calling it ready
+        log = agent.log.read_text()
+        assert f"mounted snapshot {published.snapshot_id[:12]}" in log, log_tail(agent.log)
+        assert not (tmp_path / "snapshots" / published.snapshot_id).exists()  # never pulled
+        # The chunks came over HTTP into this host's cache, and the rest follows in the
+        # background once a replica is ready.
+        cache = fresh_home / "images" / "cache"
+        deadline = time.monotonic() + 120
+        while "is all local" not in agent.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "is all local" in agent.log.read_text(), log_tail(agent.log)
+        assert sum(p.stat().st_size for p in cache.glob("*/*")) > 100 << 20
+        for replica in ready:
+            agent.ok("DELETE", f"/v1/replicas/{replica['id']}")
+    assert not list((fresh_home / "mounts").glob("*/*")), "the snapshot's mount is gone"
+
+
+def corrupt_page_images(store: Path) -> int:
+    """Flip a byte in every chunk of every page image in the remote store; how many."""
+    (index_file,) = (store / "index").iterdir()
+    index = ImageIndex(index_file.read_bytes())
+    flipped = 0
+    for entry in range(1, len(index)):
+        if index.is_regular(entry) and "/pages-" in index.path(entry):
+            for k in range(index.chunk_count(entry)):
+                chunk = index.file_chunk(entry, k)
+                with open(store / "packs" / f"{chunk.pack}.pack", "r+b") as pack:
+                    pack.seek(chunk.offset + chunk.length // 2)
+                    byte = pack.read(1)
+                    pack.seek(chunk.offset + chunk.length // 2)
+                    pack.write(bytes([byte[0] ^ 0xFF]))
+                flipped += 1
+    return flipped
+
+
+def test_chunks_corrupted_on_the_remote_fail_the_replica_before_it_serves(
+    published: Published, tmp_path: Path, fresh_home: Path
+) -> None:
+    copy = published.served / "corrupt"
+    shutil.copytree(published.served, copy, ignore=shutil.ignore_patterns("corrupt", "tmp"))
+    assert corrupt_page_images(copy) > 10
+    with lazy_agent(published, tmp_path, "lc", published.url("corrupt")) as agent:
+        body = {"snapshot": published.snapshot_id, "count": 1}
+        (replica,) = agent.ok("POST", "/v1/replicas", body)["replicas"]
+        done = wait_finished(agent, replica["id"])
+        assert done["state"] == "failed", done
+        daemon_logs = "".join(
+            p.read_text() for p in (fresh_home / "images" / "mounts").glob("*.log")
+        )
+        assert "corrupt" in daemon_logs or "does not match" in daemon_logs, daemon_logs[-3000:]
+        assert not list((fresh_home / "images" / "cache").glob("*/*")) or all(
+            p.stat().st_size for p in (fresh_home / "images" / "cache").glob("*/*")
+        )
+    assert (copy / record_path(published.snapshot_id)).exists()
+
+
+def test_the_remote_dying_as_the_restore_starts_fails_cleanly_and_recovers(
+    published: Published, tmp_path: Path, fresh_home: Path
+) -> None:
+    with lazy_agent(published, tmp_path, "ld", published.url()) as agent:
+        body = {"snapshot": published.snapshot_id, "count": 1}
+        (replica,) = agent.ok("POST", "/v1/replicas", body)["replicas"]
+        published.server.stop()  # the mount is made; no page has been fetched yet
+        try:
+            done = wait_finished(agent, replica["id"])
+            assert done["state"] == "failed", done
+            assert done["error"], done
+        finally:
+            published.server.start()
+        # Back: the next replica restores from the same mount.
+        (again,) = agent.ok("POST", "/v1/replicas", body)["replicas"]
+        assert complete(agent.wait_ready(again["id"]))
+        agent.ok("DELETE", f"/v1/replicas/{again['id']}")
+    assert Store(tmp_path / "snapshots").list() == []
