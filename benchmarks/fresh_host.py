@@ -107,29 +107,64 @@ def main() -> int:
     parser.add_argument("--size", choices=("tiny", "1gib"), default="tiny")
     parser.add_argument("--dedup", action="store_true", help="also push a second snapshot")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (GBs)")
+    parser.add_argument(
+        "--reuse", type=Path, help="a work directory kept by --keep: skip host A and the push"
+    )
+    parser.add_argument("--only", help="comma-separated runs to measure (default: all)")
     args = parser.parse_args()
     if os.environ.get(IN_NETNS) != "1":
         # Everything, nginx included, on a loopback nobody else shares.
         argv = ["unshare", "--net", "--", sys.executable, *sys.argv]
         return subprocess.call(argv, env={**os.environ, IN_NETNS: "1"})
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    work = Path(tempfile.mkdtemp(prefix="fastboot-fresh-host-"))
+    work = args.reuse or Path(tempfile.mkdtemp(prefix="fastboot-fresh-host-"))
+    only = set(args.only.split(",")) if args.only else None
     try:
-        return bench(work, args.size, args.dedup)
+        return bench(work, args.size, args.dedup, args.reuse is not None, only)
     finally:
-        if args.keep:
+        if args.keep or args.reuse:
             print(f"work dir kept: {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def bench(work: Path, size: str, dedup: bool) -> int:
+def bench(work: Path, size: str, dedup: bool, reuse: bool, only: set[str] | None) -> int:
+    served, log = work / "served", work / "bench.log"
+    if reuse:
+        out = json.loads((work / "setup.json").read_text())
+        port, model = out["port"], Path(out["model"])
+        flags = [str(model), "--port", str(port), *cpu_serve_flags(size)]
+    else:
+        out = set_up(work, size, dedup)
+        port, model = out["port"], Path(out["model"])
+        flags = [str(model), "--port", str(port), *cpu_serve_flags(size)]
+    server = CountingNginx(served, work / "nginx")
+    server.start()
+    try:
+        out["runs"] = runs(work, flags, port, str(model), log, server, only)
+    finally:
+        server.stop()
+    out["loadavg_at_end"] = os.getloadavg()
+    summarise(out)
+    if only:
+        return 0  # a partial run is for looking, not for the record
+    name = "fresh_host" if size == "tiny" else f"fresh_host_{size}"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1) + "\n")
+    plot(out, RESULTS / f"{name}.png")
+    return 0
+
+
+def set_up(work: Path, size: str, dedup: bool) -> dict[str, Any]:
+    """Host A: cold boot, snapshot, push (and a second snapshot with dedup)."""
     os.chmod(work, 0o755)  # nginx workers read the served directory
     model = write_tiny_llama(work / "model", size)
     port = free_port()
     flags = [str(model), "--port", str(port), *cpu_serve_flags(size)]
     served, log = work / "served", work / "bench.log"
     out: dict[str, Any] = {
+        "port": port,
+        "model": str(model),
         "size": size,
         "host": {"kernel": platform.release(), "cpus": os.cpu_count()},
         "loadavg_at_start": os.getloadavg(),
@@ -155,18 +190,8 @@ def bench(work: Path, size: str, dedup: bool) -> int:
     out["push"] = push(manifest.id, served, host_a)
     if dedup:
         out["dedup"] = second_snapshot(model, size, served, host_a, log)
-    server = CountingNginx(served, work / "nginx")
-    server.start()
-    try:
-        out["runs"] = runs(work, flags, port, str(model), log, server)
-    finally:
-        server.stop()
-    summarise(out)
-    name = "fresh_host" if size == "tiny" else f"fresh_host_{size}"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1) + "\n")
-    plot(out, RESULTS / f"{name}.png")
-    return 0
+    (work / "setup.json").write_text(json.dumps(out, indent=1) + "\n")
+    return out
 
 
 def push(snapshot_id: str, served: Path, home: dict[str, str]) -> dict[str, Any]:
@@ -214,12 +239,20 @@ def second_snapshot(
 
 
 def runs(
-    work: Path, flags: list[str], port: int, model: str, log: Path, server: CountingNginx
+    work: Path,
+    flags: list[str],
+    port: int,
+    model: str,
+    log: Path,
+    server: CountingNginx,
+    only: set[str] | None = None,
 ) -> dict[str, Any]:
     results: dict[str, Any] = {}
     remote = ["--fastboot-snapshot-remote", server.url]
 
     def measure(name: str, argv: list[str], home: dict[str, str], **kw: Any) -> None:
+        if only is not None and name not in only:
+            return
         if "since" not in kw:
             drop_cached(server.root)
         start_wall, offset = kw.pop("since", time.time()), log.stat().st_size
@@ -250,24 +283,27 @@ def runs(
         fresh_home(work, "fresh-a"),
         ready=None,
     )
-    home = fresh_home(work, "fresh-b")
-    drop_cached(server.root)
-    start, start_wall = time.monotonic(), time.time()
-    subprocess.run(
-        fastboot("image", "unpack-snapshot", f"snap-{snapshot_id(work)}", "--remote", server.url),
-        env={**os.environ, **home},
-        check=True,
-        capture_output=True,
-    )
-    pulled = time.monotonic() - start
-    measure(
-        "b_full_pull_then_restore",
-        fastboot("serve", *flags),
-        home,
-        before_s=pulled,
-        since=start_wall,
-    )
-    results["b_full_pull_then_restore"]["pull_s"] = pulled
+    if only is None or "b_full_pull_then_restore" in only:
+        home = fresh_home(work, "fresh-b")
+        drop_cached(server.root)
+        start, start_wall = time.monotonic(), time.time()
+        subprocess.run(
+            fastboot(
+                "image", "unpack-snapshot", f"snap-{snapshot_id(work)}", "--remote", server.url
+            ),
+            env={**os.environ, **home},
+            check=True,
+            capture_output=True,
+        )
+        pulled = time.monotonic() - start
+        measure(
+            "b_full_pull_then_restore",
+            fastboot("serve", *flags),
+            home,
+            before_s=pulled,
+            since=start_wall,
+        )
+        results["b_full_pull_then_restore"]["pull_s"] = pulled
     home = fresh_home(work, "fresh-c")
     measure("c_lazy_fetched", fastboot("serve", *flags, *remote), home)
     measure("c_second_replica_same_host", fastboot("serve", *flags, *remote), home)
@@ -296,7 +332,7 @@ def snapshot_id(work: Path) -> str:
 
 def summarise(out: dict[str, Any]) -> None:
     runs, total = out["runs"], out["snapshot"]["bytes"]
-    full = runs["b_full_pull_then_restore"]["first_answer_s"]
+    full = runs.get("b_full_pull_then_restore", {}).get("first_answer_s", float("nan"))
     print(
         f"\nsnapshot {out['snapshot']['id'][:12]}: {total / 1e9:.2f} GB of files, "
         f"{out['push']['stored_gb']:.2f} GB stored"

@@ -145,9 +145,10 @@ class ReplicaManager:
         """fastboot.imagefs.lazy_snapshots.RemoteSnapshots, with config.snapshot_remote."""
         self.mounted: dict[str, sequence.LazySnapshot] = {}
         """Remote snapshots mounted here, by id: every later replica restores from the mount."""
-        self.fetched: dict[str, sequence.LazySnapshot] = {}
-        """Remote snapshots fetched into the store whose digests are not confirmed yet."""
-        self._mounting = asyncio.Lock()
+        self._records: dict[str, Any] = {}
+        """Records (fastboot.imagefs.lazy_snapshots.Record) of remote snapshots asked for and
+        not yet brought here, by id."""
+        self._bringing: dict[str, asyncio.Future[Any]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -242,7 +243,7 @@ class ReplicaManager:
         except NotFound:
             if self.config.snapshot_remote is None:
                 raise
-            manifest = await self._mount_remote(wanted)
+            manifest = await self._remote_manifest(wanted)
         # An index is free only once its replica's namespace is gone, not when it died.
         used = {r.index for r in self.replicas.values() if not r.released}
         indexes = list(itertools.islice((i for i in itertools.count() if i not in used), count))
@@ -264,27 +265,28 @@ class ReplicaManager:
         self._forget_old()
         return started
 
-    async def _mount_remote(self, wanted: Sequence[str]) -> Manifest:
-        """The first of wanted (full snapshot ids) that the remote has and this host fits,
-        mounted (once per agent); NotFound / SnapshotInvalid as choose() says them."""
-        async with self._mounting:
-            reasons = []
-            for snapshot_id in wanted:
-                lazy = self.mounted.get(snapshot_id) or await asyncio.to_thread(
-                    self._open_remote, snapshot_id
-                )
-                if lazy is None:
+    async def _remote_manifest(self, wanted: Sequence[str]) -> Manifest:
+        """The manifest of the first of wanted (full snapshot ids) that the remote has and this
+        host fits, from its record (small); the snapshot itself is brought by the replicas'
+        restores (_bring). NotFound / SnapshotInvalid as choose() says them."""
+        reasons = []
+        for snapshot_id in wanted:
+            if lazy := self.mounted.get(snapshot_id):
+                manifest = lazy.manifest
+            else:
+                record = await asyncio.to_thread(self._remote().record, snapshot_id)
+                if record is None:
                     reasons.append(f"no snapshot {snapshot_id} here or on the remote")
                     continue
-                (self.mounted if lazy.mounted else self.fetched)[snapshot_id] = lazy
-                if (why := self.unfit(lazy.manifest)) is None and lazy.manifest.isolation:
-                    return lazy.manifest
-                reasons.append(
-                    f"snapshot {snapshot_id} does not fit this host: {why or 'not isolated'}"
-                )
-            raise NotFound("; ".join(reasons))
+                manifest, self._records[snapshot_id] = record.manifest, record
+            if (why := self.unfit(manifest)) is None and manifest.isolation:
+                return manifest
+            reasons.append(
+                f"snapshot {snapshot_id} does not fit this host: {why or 'not isolated'}"
+            )
+        raise NotFound("; ".join(reasons))
 
-    def _open_remote(self, snapshot_id: str) -> sequence.LazySnapshot | None:
+    def _remote(self) -> Any:
         if self.remote is None:
             # The image store's numpy and zstd load only on an agent with a remote.
             from fastboot.imagefs.lazy_snapshots import RemoteSnapshots
@@ -297,15 +299,38 @@ class ReplicaManager:
                 self.config.store,
                 envs.snapshot_fetch(),
             )
-        lazy: sequence.LazySnapshot | None = self.remote.open(snapshot_id)
-        if lazy is not None:
-            logger.info(
-                "mounted snapshot %s from %s in %.2f s (restored lazily)",
-                snapshot_id[:12],
-                self.config.snapshot_remote,
-                lazy.seconds,
-            )
-        return lazy
+        return self.remote
+
+    async def _bring(self, manifest: Manifest) -> sequence.LazySnapshot | None:
+        """The remote snapshot of manifest, fetched or mounted here once however many replicas
+        wait for it; None when it is a local snapshot (held from the start, or fetched)."""
+        snapshot_id = manifest.id
+        if lazy := self.mounted.get(snapshot_id):
+            return lazy
+        if snapshot_id not in self._records:
+            return None
+        task = self._bringing.get(snapshot_id)
+        if task is None:
+            record = self._records[snapshot_id]
+            task = asyncio.ensure_future(asyncio.to_thread(self._remote().bring, record))
+            self._bringing[snapshot_id] = task
+        try:
+            brought: sequence.LazySnapshot = await asyncio.shield(task)
+        finally:
+            if task.done() and self._bringing.get(snapshot_id) is task:
+                del self._bringing[snapshot_id]
+        if brought.mounted:
+            self.mounted[snapshot_id] = brought
+        else:
+            self._records.pop(snapshot_id, None)  # local from now on
+        logger.info(
+            "%s snapshot %s from %s in %.2f s",
+            "mounted" if brought.mounted else "fetched",
+            snapshot_id[:12],
+            self.config.snapshot_remote,
+            brought.seconds,
+        )
+        return brought
 
     def _verify(self, manifest: Manifest) -> None:
         try:
@@ -325,14 +350,17 @@ class ReplicaManager:
 
     async def _restore_task(self, replica: Replica, manifest: Manifest) -> None:
         try:
-            await asyncio.to_thread(self._restore_blocking, replica, manifest)
+            lazy = await self._bring(manifest)
+            await asyncio.to_thread(self._restore_blocking, replica, manifest, lazy)
         except Exception as exc:
             logger.warning("replica %s failed: %s", replica.id, exc)
             replica.state, replica.error = "failed", str(exc)
             await asyncio.to_thread(self._clean_up, replica)
         replica.changed.set()
 
-    def _restore_blocking(self, replica: Replica, manifest: Manifest) -> None:
+    def _restore_blocking(
+        self, replica: Replica, manifest: Manifest, lazy: sequence.LazySnapshot | None
+    ) -> None:
         start = time.monotonic()
         replica.link = netns.create(
             f"{self.config.netns_prefix}{replica.index}",
@@ -360,12 +388,13 @@ class ReplicaManager:
             hooks_module=manifest.hooks,
             timeout_s=self.config.ready_timeout_s,
             adopted=adopted,
-            mounted=mounted.path if (mounted := self.mounted.get(manifest.id)) else None,
+            mounted=lazy.path if lazy is not None and lazy.mounted else None,
         )
         replica.ready_s = time.monotonic() - start
         replica.state = "ready"
-        if lazy := self.fetched.pop(manifest.id, None) or self.mounted.get(manifest.id):
-            lazy.fetch_rest()  # mounted: the rest local, so replicas stop needing the remote
+        if lazy is not None:
+            # mounted: the rest local, so replicas stop needing the remote; fetched: digests
+            lazy.fetch_rest()
         logger.info(
             "replica %s of %s ready at %s in %.2f s (criu restore %.2f s)",
             replica.id,

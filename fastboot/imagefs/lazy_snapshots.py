@@ -31,8 +31,11 @@ exactly the bytes the publisher verified, or none.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import errno
 import json
 import logging
+import mmap
 import os
 import threading
 import time
@@ -42,12 +45,12 @@ from typing import Any
 
 from fastboot.errors import ImageCorruptError, ImageFSError
 from fastboot.imagefs.build import build
-from fastboot.imagefs.index import ChunkRef, ImageIndex
+from fastboot.imagefs.index import CODEC_RAW, DEFAULT_CHUNK_SIZE, ChunkRef, ImageIndex
 from fastboot.imagefs.mount import MountOptions
-from fastboot.imagefs.prefetch import Span, plan
+from fastboot.imagefs.prefetch import MAX_SPAN, Span, plan
 from fastboot.imagefs.remote import RemoteClient
 from fastboot.imagefs.shared import SharedMount
-from fastboot.imagefs.store import ImageRef, ImageStore, decode, digest_of
+from fastboot.imagefs.store import ImageRef, ImageStore, digest_of
 from fastboot.snapshot.digests import DIGEST_CACHE, DigestCache
 from fastboot.snapshot.store import MANIFEST, Manifest, SnapshotInvalid, Store
 
@@ -264,24 +267,21 @@ class MountedSnapshot:
         self.mount.release()
 
 
-def open_lazy(
-    snapshot_id: str, remote: str, store: ImageStore, client: RemoteClient | None = None
-) -> MountedSnapshot | None:
+def open_lazy(snapshot_id: str, remote: str, store: ImageStore) -> MountedSnapshot | None:
     """Mount remote snapshot snapshot_id for a restore, every check of the chain of trust done
     (module docstring); None when the remote has no such snapshot. Raises SnapshotInvalid or
     ImageFSError (a refused index, a remote that cannot be read, a mount that fails)."""
-    started = time.monotonic()
-    own = client is None
-    client = client or RemoteClient(remote)
-    try:
+    with contextlib.closing(RemoteClient(remote)) as client:
         record = fetch_record(client, snapshot_id)
-        if record is None:
-            return None
-        store.ensure()
+    return None if record is None else mount_recorded(record, remote, store)
+
+
+def mount_recorded(record: Record, remote: str, store: ImageStore) -> MountedSnapshot:
+    """open_lazy() of a record already fetched."""
+    started = time.monotonic()
+    store.ensure()
+    with contextlib.closing(RemoteClient(remote)) as client:
         index = fetch_index(store, client, record)
-    finally:
-        if own:
-            client.close()
     check_index_files(index, record.manifest)
     # record: the restore's and first requests' reads become the image's prefetch profile
     mount = SharedMount(record.name, store, MountOptions(remote=remote, passthrough=False))
@@ -315,12 +315,23 @@ class RemoteSnapshots:
     held: list[Any] = field(default_factory=list)
 
     def open(self, snapshot_id: str) -> FetchedSnapshot | MountedSnapshot | None:
+        """record() and bring(): the snapshot ready to restore, or None when the remote lacks
+        it."""
+        record = self.record(snapshot_id)
+        return None if record is None else self.bring(record)
+
+    def record(self, snapshot_id: str) -> Record | None:
+        """The remote's record of snapshot_id (small: its manifest and index digest)."""
+        with contextlib.closing(RemoteClient(self.url)) as client:
+            return fetch_record(client, snapshot_id)
+
+    def bring(self, record: Record) -> FetchedSnapshot | MountedSnapshot:
+        """The recorded snapshot fetched here, or mounted (mode)."""
         if self.mode == "mount":
-            lazy = open_lazy(snapshot_id, self.url, self.store)
-            if lazy is not None:
-                self.held.append(lazy.mount)
+            lazy = mount_recorded(record, self.url, self.store)
+            self.held.append(lazy.mount)
             return lazy
-        return fetch(snapshot_id, self.url, self.store, self.snapshots)
+        return fetch_recorded(record, self.url, self.store, self.snapshots)
 
 
 @dataclass
@@ -356,6 +367,9 @@ class FetchedSnapshot:
         try:
             self.store.verify(self.manifest.id, digests)
             digests.save()
+            logger.info(
+                "fetched snapshot %s: every file matches its manifest", self.manifest.id[:12]
+            )
         except SnapshotInvalid as exc:
             logger.error(
                 "fetched snapshot %s is not its manifest (%s); removed it", self.manifest.id, exc
@@ -367,28 +381,31 @@ class FetchedSnapshot:
 
 
 def fetch(
-    snapshot_id: str, remote: str, store: ImageStore, snapshots: Store, threads: int = 8
+    snapshot_id: str, remote: str, store: ImageStore, snapshots: Store
 ) -> FetchedSnapshot | None:
     """Fetch remote snapshot snapshot_id into snapshots, every chunk verified against the index
     its record names (refused as open_lazy refuses), and publish it; None when the remote has no
     such snapshot. Nothing partial is ever published: any error removes what was written."""
-    started = time.monotonic()
-    client = RemoteClient(remote)
-    try:
+    with contextlib.closing(RemoteClient(remote)) as client:
         record = fetch_record(client, snapshot_id)
-        if record is None:
-            return None
-        store.ensure()
+    return None if record is None else fetch_recorded(record, remote, store, snapshots)
+
+
+def fetch_recorded(
+    record: Record, remote: str, store: ImageStore, snapshots: Store, threads: int = 8
+) -> FetchedSnapshot:
+    """fetch() of a record already fetched."""
+    started, snapshot_id = time.monotonic(), record.manifest.id
+    store.ensure()
+    with contextlib.closing(RemoteClient(remote)) as client:
         index = fetch_index(store, client, record)
         check_index_files(index, record.manifest)
-        if snapshots.path(snapshot_id).exists():  # another fetch published it meanwhile
-            got = 0
-        else:
+        got = 0
+        if not snapshots.path(snapshot_id).exists():  # else another fetch published it
             with snapshots.partial(record.manifest.id) as partial:
                 got = _fetch_files(index, client, partial, threads)
                 snapshots.publish(partial, record.manifest, fetched=True)
-    finally:
-        client.close()
+            _start_reading(snapshots.path(snapshot_id))
     seconds = time.monotonic() - started
     logger.info(
         "fetched snapshot %s from %s: %.2f GB of files, %.2f GB received, in %.2f s",
@@ -401,6 +418,25 @@ def fetch(
     return FetchedSnapshot(record.manifest, snapshots.path(snapshot_id), snapshots, seconds, got)
 
 
+def _start_reading(root: Path) -> None:
+    """Have the kernel read the fetched files into the page cache in the background while
+    the restore starts (they were written with O_DIRECT, so none of them is cached): the
+    restored engine's page faults then find most pages there instead of reading each from
+    disk in turn. Best effort."""
+
+    def run() -> None:
+        files = sorted((p for p in root.rglob("*") if p.is_file()), key=lambda p: -p.stat().st_size)
+        for path in files:
+            with contextlib.suppress(OSError):
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+                finally:
+                    os.close(fd)
+
+    threading.Thread(target=run, name="readahead", daemon=True).start()
+
+
 _ZERO_DIGESTS: dict[int, bytes] = {}
 
 
@@ -411,13 +447,43 @@ def _is_zeros(ref: ChunkRef) -> bool:
     return ref.digest == _ZERO_DIGESTS[ref.raw_length]
 
 
+#: O_DIRECT needs 4 KiB-aligned buffers, offsets and lengths.
+_ALIGN = 4096
+
+
+class _Buffers(threading.local):
+    """One receive and one chunk buffer per fetch thread, page-aligned (anonymous mmap) and
+    reused: on these VMs memory touched for the first time costs a host fault per page, and a
+    fresh buffer per chunk cost more system time than the fetch itself."""
+
+    def __init__(self) -> None:
+        self.span = mmap.mmap(-1, MAX_SPAN)
+        self.chunk = mmap.mmap(-1, DEFAULT_CHUNK_SIZE)
+
+
+def _open_direct(path: Path) -> int:
+    """path created for writing with O_DIRECT (the page cache is filled by the restore's own
+    reads, once); without it where the filesystem refuses it (tmpfs)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    try:
+        return os.open(path, flags | os.O_DIRECT, 0o600)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        return os.open(path, flags, 0o600)
+
+
 def _fetch_files(index: ImageIndex, client: RemoteClient, root: Path, threads: int) -> int:
     """Write every regular file of index but the manifest under root from verified chunks:
     sparse files, zero chunks left as holes, each distinct chunk fetched once (neighbours in
-    one ranged GET, `threads` at a time) and written wherever it occurs. Returns bytes received."""
+    one ranged GET, `threads` at a time) and written wherever it occurs. Returns bytes received.
+
+    Written with O_DIRECT from reused buffers: measured on the tiny model's snapshot (1.5 GB of
+    non-zero chunks), buffered writes into new page-cache pages cost 4-4.7 system CPU-s, most
+    of a 3.1-3.5 s fetch on 2 cores; the restore then reads the page images once from disk."""
     places: dict[bytes, list[tuple[int, int]]] = {}
     refs: dict[bytes, ChunkRef] = {}
-    fds: list[int] = []
+    fds: list[tuple[int, int]] = []
     try:
         for entry in range(1, len(index)):
             rel = index.path(entry).lstrip("/")
@@ -425,45 +491,77 @@ def _fetch_files(index: ImageIndex, client: RemoteClient, root: Path, threads: i
                 continue
             path = root / rel
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            fds.append(fd)
-            os.ftruncate(fd, index.size(entry))
+            fd = _open_direct(path)
+            fds.append((fd, index.size(entry)))
             step = index.chunk_size_of(entry)
             for k in range(index.chunk_count(entry)):
                 ref = index.file_chunk(entry, k)
                 if not _is_zeros(ref):
                     refs.setdefault(ref.digest, ref)
                     places.setdefault(ref.digest, []).append((fd, k * step))
+        buffers = _Buffers()
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-            futures = [
-                pool.submit(_fetch_span, client, span, places) for span in plan(list(refs.values()))
-            ]
+            spans = plan(list(refs.values()))
+            futures = [pool.submit(_fetch_span, client, span, places, buffers) for span in spans]
             try:
-                return sum(f.result() for f in futures)
+                got = sum(f.result() for f in futures)
             except BaseException:
                 pool.shutdown(cancel_futures=True)
                 raise
+        for fd, size in fds:
+            os.ftruncate(fd, size)  # the last chunk was written padded to a whole page
+        return got
     finally:
-        for fd in fds:
+        for fd, _ in fds:
             os.close(fd)
 
 
 def _fetch_span(
-    client: RemoteClient, span: Span, places: dict[bytes, list[tuple[int, int]]]
+    client: RemoteClient,
+    span: Span,
+    places: dict[bytes, list[tuple[int, int]]],
+    buffers: _Buffers,
 ) -> int:
-    data = memoryview(client.get_range(f"packs/{span.pack}.pack", span.offset, span.length))
+    if span.length > len(buffers.span):  # one chunk bigger than a span
+        buffers.span = mmap.mmap(-1, span.length)
+    received = memoryview(buffers.span)[: span.length]
+    client.get_range(f"packs/{span.pack}.pack", span.offset, span.length, received)
     for ref in span.chunks:
-        raw = decode(ref, data[ref.offset - span.offset : ref.offset - span.offset + ref.length])
-        if len(raw) != ref.raw_length or digest_of(raw, parallel=False) != ref.digest:
+        stored = received[ref.offset - span.offset : ref.offset - span.offset + ref.length]
+        if ref.raw_length > len(buffers.chunk):  # an image built with bigger chunks
+            buffers.chunk = mmap.mmap(-1, -(-ref.raw_length // _ALIGN) * _ALIGN)
+        raw = memoryview(buffers.chunk)
+        if ref.codec == CODEC_RAW:
+            raw[: ref.length] = stored
+            size = ref.length
+        else:
+            size = _decompress_into(stored, raw[: ref.raw_length], ref)
+        if size != ref.raw_length or digest_of(raw[:size], parallel=False) != ref.digest:
             raise ImageCorruptError(
                 f"chunk {ref.hex[:16]}… from {client.base_url}/packs/{ref.pack[:16]}… does not "
                 "match its digest; nothing of the snapshot is kept. Push it to the remote again"
             )
+        padded = -(-size // _ALIGN) * _ALIGN
+        raw[size:padded] = bytes(padded - size)
         for fd, offset in places[ref.digest]:
-            view = memoryview(raw)
+            view = raw[:padded]
             while view:
-                view = view[os.pwrite(fd, view, offset + len(raw) - len(view)) :]
-    return len(data)
+                view = view[os.pwrite(fd, view, offset + padded - len(view)) :]
+    return span.length
+
+
+def _decompress_into(stored: memoryview, out: memoryview, ref: ChunkRef) -> int:
+    """Bytes of a zstd chunk decompressed into out (at most its length)."""
+    import zstandard
+
+    filled = 0
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(stored) as reader:
+            while filled < len(out) and (got := reader.readinto(out[filled:])):
+                filled += got
+    except zstandard.ZstdError as exc:
+        raise ImageCorruptError(f"chunk {ref.hex[:16]}… does not decompress ({exc})") from exc
+    return filled
 
 
 def _check_image_manifest(root: Path, manifest: Manifest) -> None:
