@@ -310,6 +310,7 @@ class ReplicaManager:
         if snapshot_id not in self._records:
             return None
         task = self._bringing.get(snapshot_id)
+        first = task is None
         if task is None:
             record = self._records[snapshot_id]
             task = asyncio.ensure_future(asyncio.to_thread(self._remote().bring, record))
@@ -323,6 +324,8 @@ class ReplicaManager:
             self.mounted[snapshot_id] = brought
         else:
             self._records.pop(snapshot_id, None)  # local from now on
+        if not first:
+            return brought
         logger.info(
             "%s snapshot %s from %s in %.2f s",
             "mounted" if brought.mounted else "fetched",
