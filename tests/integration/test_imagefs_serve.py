@@ -273,34 +273,45 @@ def test_snapshot_stored_as_an_image_is_unpacked_on_another_host_and_restored(
         env.stop_and_check_clean(run)
 
 
-def test_a_pushed_snapshot_restores_lazily_on_a_host_that_lacks_it(
-    env: Env, first_run: FastbootRun
+@pytest.mark.parametrize("mode", ["copy", "mount"])
+def test_a_pushed_snapshot_restores_on_a_host_that_lacks_it(
+    env: Env, first_run: FastbootRun, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
     """`fastboot snapshot push` publishes the snapshot to nginx; a run whose snapshot directory
-    is empty restores it straight from there (mounted, pages mapped, nothing pulled first)."""
+    is empty restores it from there with nothing pulled first: fetched into that directory
+    (chunks verified as they arrive), or restored from the mounted image with its page images
+    mapped (FASTBOOT_SNAPSHOT_FETCH=mount)."""
     if first_run.proc.poll() is None:
         env.stop_and_check_clean(first_run)
     manifest = the_manifest(env.snapshots)
-    cli = [sys.executable, "-m", "fastboot", "snapshot", "--dir", str(env.snapshots), "push"]
-    served, origin = env.root / "served", env.root / "origin"
-    subprocess.run(
-        [*cli, manifest.id, "--to", str(served), "--store", str(origin)],
-        check=True,
-        timeout=300,
-        env={**os.environ, **env.vars},
-    )
-    empty = env.root / "lazy-snapshots"
-    run = env.run("lazy", "--fastboot-snapshot-remote", env.server.url, snapshots=empty)
+    served = env.root / "served"
+    if not (served / "snapshots" / f"{manifest.id}.json").exists():
+        cli = [sys.executable, "-m", "fastboot", "snapshot", "--dir", str(env.snapshots), "push"]
+        subprocess.run(
+            [*cli, manifest.id, "--to", str(served), "--store", str(env.root / "origin")],
+            check=True,
+            timeout=300,
+            env={**os.environ, **env.vars},
+        )
+    monkeypatch.setenv("FASTBOOT_SNAPSHOT_FETCH", mode)
+    empty = env.root / f"lazy-snapshots-{mode}"
+    run = env.run(f"lazy-{mode}", "--fastboot-snapshot-remote", env.server.url, snapshots=empty)
     try:
         run.wait_for(RESTORED, 120)
         lines = "\n".join(run.fastboot_lines())
-        assert f"lazily from {env.server.url}" in lines and "cold boot ready" not in lines, lines
+        how = "fetched and checked" if mode == "copy" else "mounted and checked"
+        assert f"lazily from {env.server.url}: {how}" in lines, lines
+        assert "cold boot ready" not in lines, lines
         assert_oracle(env, manifest)
-        # Two mounts now: the weights and the snapshot, whose page images the engine maps.
-        assert len(env.store.mounts()) == 2, env.store.mounts()
+        # The weights' mount, and in mount mode the snapshot's, whose page images are mapped.
+        assert len(env.store.mounts()) == (1 if mode == "copy" else 2), env.store.mounts()
     finally:
-        env.stop_and_check_clean(run)  # both mounts released
-    assert not (empty / manifest.id).exists()  # restored from the remote, never copied here
+        env.stop_and_check_clean(run)  # every mount released
+    # Fetched: a local snapshot now, verified from scratch; mounted: nothing copied here.
+    if mode == "copy":
+        assert Store(empty).verify(manifest.id).files == manifest.files
+    else:
+        assert not (empty / manifest.id).exists()
 
 
 def test_unknown_image_fails_before_anything_starts(env: Env, tmp_path: Path) -> None:
