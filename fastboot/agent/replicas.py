@@ -231,8 +231,9 @@ class ReplicaManager:
 
     async def restore(self, prefixes: str | Sequence[str], count: int) -> list[Replica]:
         """Start count restores in parallel of a snapshot, or of the first of several that fits
-        this host (choose; with a snapshot remote, a snapshot held nowhere here is mounted from
-        it lazily); returns the replicas (restoring)."""
+        this host (choose; with a snapshot remote, a snapshot held nowhere here is read from
+        there: its record now, the snapshot itself in the replicas' tasks); returns the replicas
+        (restoring)."""
         wanted = [prefixes] if isinstance(prefixes, str) else list(prefixes)
         free = self.config.slots - self.slots_used
         if count > free:

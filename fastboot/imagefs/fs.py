@@ -326,9 +326,10 @@ class ImageOperations(pyfuse3.Operations):
         else:
             self._cached_opens.pop(f.entry, None)
 
-    @handler
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:
-        return None
+        # ENOSYS once and the kernel sends no flush again (fc->no_flush): a read-only image has
+        # nothing to flush, and `import torch` closed 1,800 files, each a round trip here.
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     # -- the rest ----------------------------------------------------------------------------
 

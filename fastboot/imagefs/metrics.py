@@ -15,7 +15,8 @@ the daemon, so `fastboot_imagefs_read_bytes_total` counts only what the kernel a
     singleflight_coalesced_total misses that waited for an in-flight fetch of the same chunk
     readahead_chunks_total       chunks fetched ahead of a sequential reader
     prefetch_bytes_total         bytes fetched by replaying the recorded profile
-    prefetch_used_bytes_total    of those, bytes a reader later asked for
+    prefetch_used_bytes_total    of those, bytes a reader later asked the daemon for (pages
+                                 the prefetch put in the page cache are read without asking)
     read_bytes_total             bytes returned to the kernel
     ops_total{op}, errors_total{op,errno}   FUSE requests and the ones answered with an error
 """

@@ -204,6 +204,11 @@ class Tiers:
             while self._write_backlog:
                 await trio.sleep(0.01)
 
+    def keep(self, ref: ChunkRef, data: Blob) -> None:
+        """Write verified bytes of ref to the SSD cache (blocking; failures logged)."""
+        self._put(ref, data)
+        self._from_remote.discard(ref.digest)
+
     def _put(self, ref: ChunkRef, data: Blob) -> None:
         try:
             self.store.cache_put(ref.hex, data, self.buffers)

@@ -88,6 +88,7 @@ def test_import_torch_from_a_lazy_image_fetches_under_10_percent(
     with mounted("torch-env", point, store, MountOptions(prefetch_rate=0)) as record:
         prefetch_s = run_timed([python, "-c", IMPORT])[0]
     replayed = values(record)
+    reads_key = 'fastboot_imagefs_ops_total{op="read"}'
 
     print(
         f"\nimport torch: local {local_s:.2f} s | image cold {cold_s:.2f} s, "
@@ -100,7 +101,9 @@ def test_import_torch_from_a_lazy_image_fetches_under_10_percent(
     assert fetched / image <= 0.10
     assert cold['fastboot_imagefs_corrupt_chunks_total{tier="remote"}'] == 0
     assert replayed["fastboot_imagefs_prefetch_bytes_total"] > 0.5 * raw
-    assert replayed["fastboot_imagefs_prefetch_used_bytes_total"] > 0.5 * raw
+    # The replay put its chunks into the page cache: the import's reads mostly never reached
+    # the daemon.
+    assert replayed.get(reads_key, 0) < 0.5 * cold[reads_key]
 
 
 def test_tiny_model_weights_from_a_lazy_image_are_byte_identical_and_load(

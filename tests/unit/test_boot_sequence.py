@@ -294,9 +294,10 @@ def test_the_agent_restores_with_the_snapshots_hooks_and_its_timeout(
         "pipe:[1]", isolation={"port": 8000}, hooks="tests.hooks_probe",
     )  # fmt: skip
     replica = replicas.Replica("r1", "abc123", "m", 0, 8000, 0.0)
-    manager._restore_blocking(replica, manifest)
+    manager._restore_blocking(replica, manifest, None)
     assert seen["hooks_module"] == "tests.hooks_probe" and seen["timeout_s"] == 42.0
     assert seen["engine"] == "vllm" and replica.state == "ready"
+    assert seen["mounted"] is None  # a local snapshot: restored from the store
 
 
 def test_isolated_boots_use_the_configured_restore_timeout(
@@ -339,3 +340,76 @@ def test_a_cold_boot_that_never_answers_says_why_with_the_engines_output(tmp_pat
     with pytest.raises(EngineError, match="cold boot failed: not ready; last engine output:\nthe"):
         sequence.cold_boot(spec(engine), site, tmp_path)
     assert site.spawned_env["FAKE_SOCKETS"] == str(tmp_path / "sockets")
+
+
+@dataclass
+class FakeBrought:
+    manifest: Manifest
+    path: Path
+    seconds: float = 0.1
+    mounted: bool = True
+    rest: int = 0
+
+    def fetch_rest(self) -> None:
+        self.rest += 1
+
+    def release(self) -> None:
+        return None
+
+
+def test_an_agent_brings_a_remote_snapshot_once_for_all_its_replicas(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+    import threading
+    import time
+
+    from fastboot.agent import replicas
+
+    manifest = Manifest(
+        SnapshotId("abc123"), {"engine": "vllm"}, host_fp(), ORACLE, 0.0, 1.0, 0.1, [],
+        "pipe:[1]", isolation={"port": 8000},
+    )  # fmt: skip
+    brought = FakeBrought(manifest, tmp_path / "mnt")
+    calls: list[str] = []
+    lock = threading.Lock()
+
+    class FakeRemote:
+        def record(self, snapshot_id: str) -> Any:
+            return types.SimpleNamespace(manifest=manifest) if snapshot_id == "abc123" else None
+
+        def bring(self, record: Any) -> FakeBrought:
+            with lock:
+                calls.append(record.manifest.id)
+            time.sleep(0.2)  # both replicas' tasks are waiting by now
+            return brought
+
+    seen: list[Any] = []
+
+    def restore(*args: Any, **kw: Any) -> None:
+        seen.append(kw["mounted"])
+        kw["adopted"](FakeTree())
+
+    monkeypatch.setattr(replicas.sequence, "restore", restore)
+    monkeypatch.setattr(replicas.netns, "create", lambda *a: LINK)
+    config = replicas.AgentConfig(
+        name="t", store=Store(tmp_path / "snaps"), state_dir=tmp_path, slots=3,
+        snapshot_remote="http://remote.invalid",
+    )  # fmt: skip
+    (tmp_path / "logs").mkdir()
+    manager = replicas.ReplicaManager(config)
+    manager.remote = FakeRemote()
+    monkeypatch.setattr(manager, "unfit", lambda m: None)
+
+    async def run() -> list[replicas.Replica]:
+        started = await manager.restore("abc123", 2)
+        await asyncio.gather(*manager._tasks)
+        with pytest.raises(replicas.NotFound, match="no snapshot other here or on the remote"):
+            await manager.restore("other", 1)
+        return started
+
+    started = asyncio.run(run())
+    assert [r.state for r in started] == ["ready", "ready"]
+    assert calls == ["abc123"]  # one fetch/mount for both replicas
+    assert seen == [brought.path, brought.path]  # restored from the mount
+    assert manager.mounted == {"abc123": brought} and brought.rest == 2
