@@ -271,6 +271,7 @@ def runs(
         text = log_since(log, offset)  # (vLLM prints a traceback when stopped: not checked)
         results[name] = {
             "first_answer_s": seconds,
+            "phases_s": phases(text),
             "before_first_answer": server.sent_between(start_wall, answered[0]),
             "cold_booted": "cold boot ready" in text,
             "lazy": "lazily from" in text,
@@ -321,6 +322,26 @@ def runs(
         env={**mount, "FASTBOOT_COPY_PAGES": "1"},
     )
     return results
+
+
+#: fastboot's DEBUG lines for the steps of a restore (seconds).
+PHASES = {
+    "fetch": r"fetched snapshot \w+ from \S+: .* in ([\d.]+) s",
+    "mount": r"mounted image snap-\w+ \(\w+\) at \S+ in ([\d.]+) s",
+    "verify": r"verified \d+ files in ([\d.]+) s",
+    "criu_restore": r"criu restore took ([\d.]+) s",
+    "engine_answered": r"restored engine answered in ([\d.]+) s",
+    "oracle": r"oracle matched in ([\d.]+) s",
+}
+
+
+def phases(text: str) -> dict[str, float]:
+    """Where a run's restore went, from its log (the last restore's lines)."""
+    found = {}
+    for name, pattern in PHASES.items():
+        if matches := re.findall(pattern, text):
+            found[name] = float(matches[-1])
+    return found
 
 
 def snapshot_id(work: Path) -> str:
