@@ -111,6 +111,11 @@ def main() -> int:
         "--reuse", type=Path, help="a work directory kept by --keep: skip host A and the push"
     )
     parser.add_argument("--only", help="comma-separated runs to measure (default: all)")
+    parser.add_argument(
+        "--env-image",
+        action="store_true",
+        help="instead: the engine from an env image of this venv, remote and uncached too",
+    )
     args = parser.parse_args()
     if os.environ.get(IN_NETNS) != "1":
         # Everything, nginx included, on a loopback nobody else shares.
@@ -120,7 +125,7 @@ def main() -> int:
     work = args.reuse or Path(tempfile.mkdtemp(prefix="fastboot-fresh-host-"))
     only = set(args.only.split(",")) if args.only else None
     try:
-        return bench(work, args.size, args.dedup, args.reuse is not None, only)
+        return bench(work, args.size, args.dedup, args.reuse is not None, only, args.env_image)
     finally:
         if args.keep or args.reuse:
             print(f"work dir kept: {work}")
@@ -128,8 +133,12 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def bench(work: Path, size: str, dedup: bool, reuse: bool, only: set[str] | None) -> int:
+def bench(
+    work: Path, size: str, dedup: bool, reuse: bool, only: set[str] | None, env: bool = False
+) -> int:
     served, log = work / "served", work / "bench.log"
+    if env:
+        return bench_env(work, size)
     if reuse:
         out = json.loads((work / "setup.json").read_text())
         port, model = out["port"], Path(out["model"])
@@ -141,7 +150,7 @@ def bench(work: Path, size: str, dedup: bool, reuse: bool, only: set[str] | None
     server = CountingNginx(served, work / "nginx")
     server.start()
     try:
-        out["runs"] = runs(work, flags, port, str(model), log, server, only)
+        out["runs"] = runs(work, flags, Runner(port, str(model), log, server, only))
     finally:
         server.stop()
     out["loadavg_at_end"] = os.getloadavg()
@@ -152,6 +161,33 @@ def bench(work: Path, size: str, dedup: bool, reuse: bool, only: set[str] | None
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1) + "\n")
     plot(out, RESULTS / f"{name}.png")
+    return 0
+
+
+def bench_env(work: Path, size: str) -> int:
+    """The env-image runs only (--env-image): fresh_host_env[_1gib].json."""
+    os.chmod(work, 0o755)
+    model = write_tiny_llama(work / "model", size)
+    port = free_port()
+    flags = [str(model), "--port", str(port), *cpu_serve_flags(size)]
+    log = work / "bench.log"
+    out: dict[str, Any] = {"size": size, "host": {"cpus": os.cpu_count()}, "created": time.time()}
+    out["host_a"] = env_set_up(work, flags, port, str(model), log)
+    server = CountingNginx(work / "served", work / "nginx")
+    server.start()
+    try:
+        out["runs"] = env_runs(work, flags, Runner(port, str(model), log, server, None))
+    finally:
+        server.stop()
+    total = out["host_a"]["snapshot"]["bytes"]
+    for name, run in out["runs"].items():
+        fetched = run["before_first_answer"]["bytes"]
+        print(
+            f"{name:24} {run['first_answer_s']:8.2f} s  fetched {fetched / 1e6:7.0f} MB "
+            f"({100 * fetched / total:.1f}% of the snapshot's bytes)"
+        )
+    name = "fresh_host_env" if size == "tiny" else f"fresh_host_env_{size}"
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1) + "\n")
     return 0
 
 
@@ -238,53 +274,57 @@ def second_snapshot(
     return push(new.id, served, home)
 
 
-def runs(
-    work: Path,
-    flags: list[str],
-    port: int,
-    model: str,
-    log: Path,
-    server: CountingNginx,
-    only: set[str] | None = None,
-) -> dict[str, Any]:
-    results: dict[str, Any] = {}
-    remote = ["--fastboot-snapshot-remote", server.url]
+class Runner:
+    """Measures runs of `fastboot serve` from start to first answer, into results."""
 
-    def measure(name: str, argv: list[str], home: dict[str, str], **kw: Any) -> None:
-        if only is not None and name not in only:
+    def __init__(
+        self, port: int, model: str, log: Path, server: CountingNginx, only: set[str] | None
+    ) -> None:
+        self.port, self.model, self.log, self.server, self.only = port, model, log, server, only
+        self.results: dict[str, Any] = {}
+
+    def wanted(self, name: str) -> bool:
+        return self.only is None or name in self.only
+
+    def measure(self, name: str, argv: list[str], home: dict[str, str], **kw: Any) -> None:
+        if not self.wanted(name):
             return
         if "since" not in kw:
-            drop_cached(server.root)
-        start_wall, offset = kw.pop("since", time.time()), log.stat().st_size
+            drop_cached(self.server.root)
+        start_wall, offset = kw.pop("since", time.time()), self.log.stat().st_size
         answered: list[float] = []
         seconds = kw.pop("before_s", 0.0) + timed_boot(
             argv,
-            port,
-            model,
-            log,
+            self.port,
+            self.model,
+            self.log,
             signal.SIGINT,
             None,
             kw.pop("ready", RESTORED),
             extra_env={**home, **kw.pop("env", {})},
             after=lambda: answered.append(time.time()),
         )
-        text = log_since(log, offset)  # (vLLM prints a traceback when stopped: not checked)
-        results[name] = {
+        text = log_since(self.log, offset)  # (vLLM prints a traceback when stopped: unchecked)
+        self.results[name] = {
             "first_answer_s": seconds,
             "phases_s": phases(text),
-            "before_first_answer": server.sent_between(start_wall, answered[0]),
+            "before_first_answer": self.server.sent_between(start_wall, answered[0]),
             "cold_booted": "cold boot ready" in text,
             "lazy": "lazily from" in text,
         }
-        print(f"{name}: {seconds:.2f} s, {results[name]}")
+        print(f"{name}: {seconds:.2f} s, {self.results[name]}")
 
-    measure(
+
+def runs(work: Path, flags: list[str], runner: Runner) -> dict[str, Any]:
+    server = runner.server
+    remote = ["--fastboot-snapshot-remote", server.url]
+    runner.measure(
         "a_cold_boot",
         fastboot("serve", *flags, "--fastboot-no-snapshot"),
         fresh_home(work, "fresh-a"),
         ready=None,
     )
-    if only is None or "b_full_pull_then_restore" in only:
+    if runner.wanted("b_full_pull_then_restore"):
         home = fresh_home(work, "fresh-b")
         drop_cached(server.root)
         start, start_wall = time.monotonic(), time.time()
@@ -297,31 +337,104 @@ def runs(
             capture_output=True,
         )
         pulled = time.monotonic() - start
-        measure(
+        runner.measure(
             "b_full_pull_then_restore",
             fastboot("serve", *flags),
             home,
             before_s=pulled,
             since=start_wall,
         )
-        results["b_full_pull_then_restore"]["pull_s"] = pulled
+        runner.results["b_full_pull_then_restore"]["pull_s"] = pulled
     home = fresh_home(work, "fresh-c")
-    measure("c_lazy_fetched", fastboot("serve", *flags, *remote), home)
-    measure("c_second_replica_same_host", fastboot("serve", *flags, *remote), home)
+    runner.measure("c_lazy_fetched", fastboot("serve", *flags, *remote), home)
+    runner.measure("c_second_replica_same_host", fastboot("serve", *flags, *remote), home)
     mount = {"FASTBOOT_SNAPSHOT_FETCH": "mount"}
-    measure(
+    runner.measure(
         "c_lazy_mount_mapped",
         fastboot("serve", *flags, *remote),
         fresh_home(work, "fresh-d"),
         env=mount,
     )
-    measure(
+    runner.measure(
         "c_lazy_mount_copied",
         fastboot("serve", *flags, *remote),
         fresh_home(work, "fresh-e"),
         env={**mount, "FASTBOOT_COPY_PAGES": "1"},
     )
-    return results
+    return runner.results
+
+
+ENV_IMAGE = "env"
+
+
+def env_host(work: Path, name: str) -> tuple[dict[str, str], Path]:
+    """A host for the env-image runs: its own image store and snapshot directory, but the one
+    FASTBOOT_HOME of them all, because the snapshot key names the env image's mountpoint
+    ($FASTBOOT_HOME/mounts/<index>), which every host of a fleet has at the same path."""
+    root = work / name
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "tmp").mkdir(parents=True)
+    home = {
+        "FASTBOOT_HOME": str(work / "home"),
+        "FASTBOOT_IMAGE_STORE": str(root / "images"),
+        "TMPDIR": str(root / "tmp"),
+    }
+    return home, root / "snapshots"
+
+
+def env_set_up(work: Path, flags: list[str], port: int, model: str, log: Path) -> dict[str, Any]:
+    """Host A with the engine run from an env image (this virtual environment): build and push
+    the image, cold boot from it (snapshot), push the snapshot."""
+    from fastboot.imagefs.build import build
+    from fastboot.imagefs.store import ImageStore
+
+    home, snapshots = env_host(work, "env-a")
+    store = ImageStore(Path(home["FASTBOOT_IMAGE_STORE"]))
+    started = time.monotonic()
+    ref = build(store, Path(sys.prefix), ENV_IMAGE, progress=False)
+    out: dict[str, Any] = {"build_s": time.monotonic() - started, "image_bytes": ref.total_bytes}
+    store.push(ENV_IMAGE, work / "served")
+    argv = fastboot("serve", *flags, "--fastboot-env-image", ENV_IMAGE)
+    argv += ["--fastboot-snapshot-dir", str(snapshots)]
+    out["first_serve_s"] = timed_boot(
+        argv, port, model, log, signal.SIGINT, snapshots, RESTORED, extra_env=home
+    )
+    (manifest,) = [m for m in Store(snapshots).list() if isinstance(m, Manifest)]
+    out["snapshot"] = {"id": manifest.id, "bytes": manifest.total_bytes}
+    done = subprocess.run(
+        fastboot(
+            "snapshot", "--dir", str(snapshots), "push", manifest.id, "--to", str(work / "served")
+        ),
+        env={**os.environ, **home},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    out["push_line"] = done.stdout.strip()
+    return out
+
+
+def env_runs(work: Path, flags: list[str], runner: Runner) -> dict[str, Any]:
+    """(a) and (c) with the env image also remote and uncached on the fresh host (its ref and
+    index pulled first, timed with the run)."""
+    url = runner.server.url
+    for name, extra in (
+        ("env_a_cold_boot", ["--fastboot-no-snapshot"]),
+        ("env_c_lazy_fetched", ["--fastboot-snapshot-remote", url]),
+    ):
+        home, snapshots = env_host(work, name)
+        started = time.monotonic()
+        subprocess.run(
+            fastboot("image", "pull", ENV_IMAGE, "--remote", url),
+            env={**os.environ, **home},
+            check=True,
+            capture_output=True,
+        )
+        argv = fastboot("serve", *flags, "--fastboot-env-image", ENV_IMAGE, *extra)
+        argv += ["--fastboot-snapshot-dir", str(snapshots)]
+        ready = None if name == "env_a_cold_boot" else RESTORED
+        runner.measure(name, argv, home, ready=ready, before_s=time.monotonic() - started)
+    return runner.results
 
 
 #: fastboot's DEBUG lines for the steps of a restore (seconds).
