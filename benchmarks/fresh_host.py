@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.boot_latency import log_since, timed_boot  # noqa: E402
+from benchmarks.imagefs_bench import drop_cache  # noqa: E402
 from fastboot.imagefs.testing import Nginx  # noqa: E402
 from fastboot.models.tiny import cpu_serve_flags, write_tiny_llama  # noqa: E402
 from fastboot.serve import free_port  # noqa: E402
@@ -83,12 +84,7 @@ def drop_cached(root: Path) -> None:
     """Evict every file under root from the page cache (the remote store's disk is cold)."""
     for path in root.rglob("*"):
         if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+            drop_cache(path)
 
 
 def fastboot(*args: str) -> list[str]:
