@@ -14,13 +14,15 @@ completion after the restore proved its oracle:
       fetched: every file written from verified chunks by parallel ranged GETs (zero chunks
       left as holes), then a local restore (the default); then a second replica on that host;
       mount, mapped: restored from the mounted image, page images mapped (only touched pages
-      fetched); mount, copied: the same with the page images read (FASTBOOT_COPY_PAGES=1).
+      fetched); mount, copied: the same with the page images read (FASTBOOT_COPY_PAGES=1);
+      mount, lazy pages: `criu restore --lazy-pages`, each page served on its first touch by a
+      `criu lazy-pages` daemon reading the mount (FASTBOOT_LAZY_PAGES=1).
 
 Bytes fetched are what nginx sent (its access log, $body_bytes_sent) from the start of a run
 until its first answer. Also: what the snapshot adds to a store that already holds another
 snapshot of the same model (`--dedup`: a second snapshot on another port).
 
-    .venv/bin/python benchmarks/fresh_host.py [--size tiny|1gib] [--dedup] [--keep]
+    .venv/bin/python benchmarks/fresh_host.py [--size tiny|1gib] [--dedup] [--rounds N] [--keep]
 
 Writes benchmarks/results/fresh_host[_1gib].json and .png.
 """
@@ -40,6 +42,9 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import blake3
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -108,6 +113,9 @@ def main() -> int:
     )
     parser.add_argument("--only", help="comma-separated runs to measure (default: all)")
     parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of the runs after (a); medians reported"
+    )
+    parser.add_argument(
         "--env-image",
         action="store_true",
         help="instead: the engine from an env image of this venv, remote and uncached too",
@@ -121,7 +129,9 @@ def main() -> int:
     work = args.reuse or Path(tempfile.mkdtemp(prefix="fastboot-fresh-host-"))
     only = set(args.only.split(",")) if args.only else None
     try:
-        return bench(work, args.size, args.dedup, args.reuse is not None, only, args.env_image)
+        if args.env_image:
+            return bench_env(work, args.size)
+        return bench(work, args.size, args.dedup, args.reuse is not None, only, args.rounds)
     finally:
         if args.keep or args.reuse:
             print(f"work dir kept: {work}")
@@ -130,11 +140,9 @@ def main() -> int:
 
 
 def bench(
-    work: Path, size: str, dedup: bool, reuse: bool, only: set[str] | None, env: bool = False
+    work: Path, size: str, dedup: bool, reuse: bool, only: set[str] | None, rounds: int
 ) -> int:
     served, log = work / "served", work / "bench.log"
-    if env:
-        return bench_env(work, size)
     if reuse:
         out = json.loads((work / "setup.json").read_text())
         port, model = out["port"], Path(out["model"])
@@ -146,7 +154,8 @@ def bench(
     server = CountingNginx(served, work / "nginx")
     server.start()
     try:
-        out["runs"] = runs(work, flags, Runner(port, str(model), log, server, only))
+        out["rounds"] = rounds
+        out["runs"] = runs(work, flags, Runner(port, str(model), log, server, only), rounds)
     finally:
         server.stop()
     out["loadavg_at_end"] = os.getloadavg()
@@ -267,7 +276,35 @@ def second_snapshot(
         extra_env=home,
     )
     (new,) = [m for m in Store(snapshots).list() if isinstance(m, Manifest) and m.id not in before]
-    return push(new.id, served, home)
+    (old,) = before
+    return {
+        **push(new.id, served, home),
+        "pages": page_sharing(snapshots / old / "images", snapshots / new / "images"),
+    }
+
+
+PAGE = 4096
+
+
+def nonzero_pages(images: Path) -> set[bytes]:
+    """The BLAKE3 of every non-zero 4 KiB page of a snapshot's page images."""
+    found: set[bytes] = set()
+    for path in sorted(images.glob("pages-*.img")):
+        data = np.fromfile(path, dtype=np.uint64)
+        pages = data[: len(data) // (PAGE // 8) * (PAGE // 8)].reshape(-1, PAGE // 8)
+        raw = pages.view(np.uint8)
+        for i in np.flatnonzero(pages.any(axis=1)):
+            found.add(blake3.blake3(raw[i].tobytes()).digest(16))
+    return found
+
+
+def page_sharing(first: Path, second: Path) -> dict[str, Any]:
+    """What any chunking could share at best: distinct non-zero pages of the second snapshot
+    that the first also has (page images only: the rest is kilobytes)."""
+    a, b = nonzero_pages(first), nonzero_pages(second)
+    shared = len(a & b)
+    print(f"pages: {shared:,} of the second snapshot's {len(b):,} distinct non-zero pages shared")
+    return {"first": len(a), "second": len(b), "shared": shared, "shared_share": shared / len(b)}
 
 
 class Runner:
@@ -277,7 +314,8 @@ class Runner:
         self, port: int, model: str, log: Path, server: CountingNginx, only: set[str] | None
     ) -> None:
         self.port, self.model, self.log, self.server, self.only = port, model, log, server, only
-        self.results: dict[str, Any] = {}
+        self.results: dict[str, Any] = {}  # each run's median round, with every round's time
+        self.rounds: dict[str, list[dict[str, Any]]] = {}
 
     def wanted(self, name: str) -> bool:
         return self.only is None or name in self.only
@@ -301,25 +339,39 @@ class Runner:
             after=lambda: answered.append(time.time()),
         )
         text = log_since(self.log, offset)  # (vLLM prints a traceback when stopped: unchecked)
-        self.results[name] = {
+        result = {
             "first_answer_s": seconds,
             "phases_s": phases(text),
             "before_first_answer": self.server.sent_between(start_wall, answered[0]),
             "cold_booted": "cold boot ready" in text,
             "lazy": "lazily from" in text,
+            **kw.pop("extra", {}),
         }
-        print(f"{name}: {seconds:.2f} s, {self.results[name]}")
+        print(f"{name}: {seconds:.2f} s, {result}")
+        rounds = self.rounds.setdefault(name, [])
+        rounds.append(result)
+        ordered = sorted(rounds, key=lambda r: float(r["first_answer_s"]))
+        median = ordered[(len(ordered) - 1) // 2]  # a round that happened (lower median)
+        self.results[name] = {**median, "rounds_s": [r["first_answer_s"] for r in rounds]}
 
 
-def runs(work: Path, flags: list[str], runner: Runner) -> dict[str, Any]:
-    server = runner.server
-    remote = ["--fastboot-snapshot-remote", server.url]
+def runs(work: Path, flags: list[str], runner: Runner, rounds: int) -> dict[str, Any]:
+    """(a) once (tens of seconds, far from the rest), then `rounds` rounds of every other run
+    in turn, each on fresh homes: results hold each run's median round."""
     runner.measure(
         "a_cold_boot",
         fastboot("serve", *flags, "--fastboot-no-snapshot"),
         fresh_home(work, "fresh-a"),
         ready=None,
     )
+    for _ in range(rounds):
+        restore_runs(work, flags, runner)
+    return runner.results
+
+
+def restore_runs(work: Path, flags: list[str], runner: Runner) -> None:
+    server = runner.server
+    remote = ["--fastboot-snapshot-remote", server.url]
     if runner.wanted("b_full_pull_then_restore"):
         home = fresh_home(work, "fresh-b")
         drop_cached(server.root)
@@ -339,8 +391,8 @@ def runs(work: Path, flags: list[str], runner: Runner) -> dict[str, Any]:
             home,
             before_s=pulled,
             since=start_wall,
+            extra={"pull_s": pulled},
         )
-        runner.results["b_full_pull_then_restore"]["pull_s"] = pulled
     home = fresh_home(work, "fresh-c")
     runner.measure("c_lazy_fetched", fastboot("serve", *flags, *remote), home)
     runner.measure("c_second_replica_same_host", fastboot("serve", *flags, *remote), home)
@@ -357,7 +409,12 @@ def runs(work: Path, flags: list[str], runner: Runner) -> dict[str, Any]:
         fresh_home(work, "fresh-e"),
         env={**mount, "FASTBOOT_COPY_PAGES": "1"},
     )
-    return runner.results
+    runner.measure(
+        "c_lazy_mount_lazy_pages",
+        fastboot("serve", *flags, *remote),
+        fresh_home(work, "fresh-f"),
+        env={**mount, "FASTBOOT_LAZY_PAGES": "1"},
+    )
 
 
 ENV_IMAGE = "env"

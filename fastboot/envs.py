@@ -29,6 +29,13 @@ def copy_pages() -> bool:
     return os.environ.get("FASTBOOT_COPY_PAGES", "") not in ("", "0")
 
 
+def lazy_pages() -> bool:
+    """FASTBOOT_LAZY_PAGES=1: a restore from a lazily mounted remote snapshot uses CRIU's
+    `--lazy-pages` (userfaultfd; pages served from the mount by a `criu lazy-pages` daemon as the
+    engine touches them) instead of mapping the page images (fastboot.snapshot.criu.restore)."""
+    return os.environ.get("FASTBOOT_LAZY_PAGES", "") not in ("", "0")
+
+
 def log_level() -> str:
     """FASTBOOT_LOG_LEVEL: level of fastboot's own log lines (default INFO)."""
     return os.environ.get("FASTBOOT_LOG_LEVEL", "INFO").upper()

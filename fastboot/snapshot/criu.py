@@ -32,6 +32,8 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -291,12 +293,51 @@ def restore(
     see maps_pages."""
     pidfile = workdir / RESTORED_PIDFILE
     argv = ["--restore-detached", "--pidfile", str(pidfile)]
-    if maps_pages(criu, images, from_mount):
+    if from_mount and envs.lazy_pages():
+        start_lazy_pages(criu, images, workdir)
+        argv.append("--lazy-pages")
+    elif maps_pages(criu, images, from_mount):
         argv.append(PAGE_MAPPING)
     argv += ["--inherit-fd", f"fd[{stdio_fd}]:{stdio_pipe}", *extra]
     fds = (stdio_fd, *pass_fds)
     _run_criu(criu, "restore", argv, images, workdir, pass_fds=fds)
     return int(pidfile.read_text().strip())
+
+
+#: Where `criu lazy-pages` listens for the restore, in the work dir (CRIU's fixed name).
+LAZY_PAGES_SOCKET = "lazy-pages.socket"
+
+
+def start_lazy_pages(criu: Criu, images: Path, workdir: Path, timeout: float = 10.0) -> None:
+    """Start the `criu lazy-pages` daemon a `criu restore --lazy-pages` in workdir hands its
+    userfaultfds to; returns once it listens. The daemon serves each fault from the page images
+    (reads of the mount, which fetch and verify their chunks), then copies every remaining page
+    in the background and exits: its life is bounded by the restored tree's (a tree that exits
+    closes the userfaultfds). It runs in a process group of its own so that a Ctrl-C of
+    fastboot does not take it away from a tree still being filled; a thread reaps it."""
+    log = workdir / "lazy-pages.log"
+    command = [criu.path, "lazy-pages", "--images-dir", str(images), "--work-dir", str(workdir)]
+    command += ["--log-file", str(log), "-v4"]
+    logger.debug("running %s", " ".join(command))
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, process_group=0
+    )
+    while not (workdir / LAZY_PAGES_SOCKET).exists():
+        if proc.poll() is not None or time.monotonic() - started > timeout:
+            kill_tree(proc)
+            raise CriuError("lazy-pages", _first_error(log, "did not start"), log)
+        time.sleep(0.002)
+
+    def reap() -> None:
+        code = proc.wait()
+        took = time.monotonic() - started
+        if code == 0:
+            logger.info("criu lazy-pages copied every page in %.2f s", took)
+        else:
+            logger.warning("criu lazy-pages failed after %.2f s: %s", took, _first_error(log, ""))
+
+    threading.Thread(target=reap, name="criu-lazy-pages", daemon=True).start()
 
 
 def kill_unadopted(workdir: Path) -> None:

@@ -273,14 +273,15 @@ def test_snapshot_stored_as_an_image_is_unpacked_on_another_host_and_restored(
         env.stop_and_check_clean(run)
 
 
-@pytest.mark.parametrize("mode", ["copy", "mount"])
+@pytest.mark.parametrize("mode", ["copy", "mount", "lazy-pages"])
 def test_a_pushed_snapshot_restores_on_a_host_that_lacks_it(
     env: Env, first_run: FastbootRun, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
     """`fastboot snapshot push` publishes the snapshot to nginx; a run whose snapshot directory
     is empty restores it from there with nothing pulled first: fetched into that directory
     (chunks verified as they arrive), or restored from the mounted image with its page images
-    mapped (FASTBOOT_SNAPSHOT_FETCH=mount)."""
+    mapped (FASTBOOT_SNAPSHOT_FETCH=mount), or from the mounted image by `criu restore
+    --lazy-pages` (FASTBOOT_LAZY_PAGES=1: each page served from the mount on first touch)."""
     if first_run.proc.poll() is None:
         env.stop_and_check_clean(first_run)
     manifest = the_manifest(env.snapshots)
@@ -293,7 +294,8 @@ def test_a_pushed_snapshot_restores_on_a_host_that_lacks_it(
             timeout=300,
             env={**os.environ, **env.vars},
         )
-    monkeypatch.setenv("FASTBOOT_SNAPSHOT_FETCH", mode)
+    monkeypatch.setenv("FASTBOOT_SNAPSHOT_FETCH", "copy" if mode == "copy" else "mount")
+    monkeypatch.setenv("FASTBOOT_LAZY_PAGES", "1" if mode == "lazy-pages" else "0")
     empty = env.root / f"lazy-snapshots-{mode}"
     run = env.run(f"lazy-{mode}", "--fastboot-snapshot-remote", env.server.url, snapshots=empty)
     try:
@@ -303,10 +305,13 @@ def test_a_pushed_snapshot_restores_on_a_host_that_lacks_it(
         assert f"lazily from {env.server.url}: {how}" in lines, lines
         assert "cold boot ready" not in lines, lines
         assert_oracle(env, manifest)
-        # The weights' mount, and in mount mode the snapshot's, whose page images are mapped.
+        if mode == "lazy-pages":  # the daemon fills in every page, then is gone
+            run.wait_for("criu lazy-pages copied every page", 120)
+        # The weights' mount, and in mount modes the snapshot's, whose page images are used.
         assert len(env.store.mounts()) == (1 if mode == "copy" else 2), env.store.mounts()
     finally:
         env.stop_and_check_clean(run)  # every mount released
+    assert not processes_mentioning("criu lazy-pages")
     # Fetched: a local snapshot now, verified from scratch; mounted: nothing copied here.
     if mode == "copy":
         assert Store(empty).verify(manifest.id).files == manifest.files

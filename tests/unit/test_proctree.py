@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from fastboot.errors import CriuError
 from fastboot.host.proctree import held_signals, kill_tree, stat_fields, tree_pids
 from fastboot.host.supervisor import EngineTree
 from fastboot.snapshot import criu
@@ -123,3 +124,32 @@ def test_a_restored_tree_is_adopted(tmp_path: Path) -> None:
     finally:
         tree.stop()
     _assert_gone([tree.root_pid])
+
+
+def _fake_lazy_pages(tmp_path: Path, body: str) -> criu.Criu:
+    """A stand-in for `criu lazy-pages`: the shell body runs with the work dir as $W."""
+    script = tmp_path / "criu"
+    script.write_text(
+        '#!/bin/sh\nwhile [ "$1" != "--work-dir" ]; do shift; done; W="$2"\n'
+        f'echo $$ > "$W/daemon.pid"\n{body}\n'
+    )
+    script.chmod(0o755)
+    return criu.Criu(str(script), (4, 2, 1))
+
+
+def test_a_lazy_pages_daemon_that_never_listens_is_an_error_and_killed(tmp_path: Path) -> None:
+    fake = _fake_lazy_pages(tmp_path, "sleep 60")
+    with pytest.raises(CriuError, match="lazy-pages"):
+        criu.start_lazy_pages(fake, tmp_path, tmp_path, timeout=0.5)
+    _assert_gone([int((tmp_path / "daemon.pid").read_text())])
+
+
+def test_a_listening_lazy_pages_daemon_is_left_to_finish_and_reaped(tmp_path: Path) -> None:
+    fake = _fake_lazy_pages(tmp_path, f'touch "$W/{criu.LAZY_PAGES_SOCKET}"; sleep 0.3')
+    criu.start_lazy_pages(fake, tmp_path, tmp_path, timeout=5)
+    pid = int((tmp_path / "daemon.pid").read_text())
+    assert stat_fields(pid) is not None  # still serving pages when the restore would start
+    deadline = time.monotonic() + 10
+    while _state(pid) is not None:  # exits on its own and is reaped: not even a zombie stays
+        assert time.monotonic() < deadline, f"daemon {pid} is {_state(pid)}"
+        time.sleep(0.02)
