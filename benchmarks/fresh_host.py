@@ -279,7 +279,7 @@ def second_snapshot(
     (old,) = before
     return {
         **push(new.id, served, home),
-        "pages": page_sharing(snapshots / old / "images", snapshots / new / "images"),
+        "pages": page_sharing(snapshots / old / "images", snapshots / new.id / "images"),
     }
 
 
