@@ -293,28 +293,69 @@ def restore(
     see maps_pages."""
     pidfile = workdir / RESTORED_PIDFILE
     argv = ["--restore-detached", "--pidfile", str(pidfile)]
+    lazy = None
     if from_mount and envs.lazy_pages():
-        start_lazy_pages(criu, images, workdir)
+        lazy = start_lazy_pages(criu, images, workdir)
         argv.append("--lazy-pages")
     elif maps_pages(criu, images, from_mount):
         argv.append(PAGE_MAPPING)
     argv += ["--inherit-fd", f"fd[{stdio_fd}]:{stdio_pipe}", *extra]
     fds = (stdio_fd, *pass_fds)
-    _run_criu(criu, "restore", argv, images, workdir, pass_fds=fds)
-    return int(pidfile.read_text().strip())
+    try:
+        _run_criu(criu, "restore", argv, images, workdir, pass_fds=fds)
+        pid = int(pidfile.read_text().strip())
+    except BaseException:
+        if lazy is not None:
+            kill_tree(lazy.proc)
+        raise
+    if lazy is not None:
+        lazy.watch(pid)
+    return pid
 
 
 #: Where `criu lazy-pages` listens for the restore, in the work dir (CRIU's fixed name).
 LAZY_PAGES_SOCKET = "lazy-pages.socket"
 
 
-def start_lazy_pages(criu: Criu, images: Path, workdir: Path, timeout: float = 10.0) -> None:
+@dataclass
+class LazyPages:
+    """A running `criu lazy-pages` daemon (start_lazy_pages)."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+    started: float
+
+    def watch(self, tree_pid: int) -> None:
+        """Reap the daemon from a thread once it is done. One that fails before it copied every
+        page would leave the restored tree reading zeros where its pages never came
+        (userfaultfd's ranges fall back to plain anonymous memory), so it takes the tree down
+        with it: tree_pid, the restored root, if it is still our child (its subreaper's
+        supervisor then sees the engine die)."""
+
+        def reap() -> None:
+            code = self.proc.wait()
+            took = time.monotonic() - self.started
+            if code == 0:
+                logger.info("criu lazy-pages copied every page in %.2f s", took)
+                return
+            why = _first_error(self.log, f"exit status {code}")
+            fields = stat_fields(tree_pid)
+            if fields is not None and int(fields[1]) == os.getpid():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(tree_pid, signal.SIGKILL)
+                why += "; the restored engine it was filling was killed"
+            logger.error("criu lazy-pages failed after %.2f s: %s", took, why)
+
+        threading.Thread(target=reap, name="criu-lazy-pages", daemon=True).start()
+
+
+def start_lazy_pages(criu: Criu, images: Path, workdir: Path, timeout: float = 10.0) -> LazyPages:
     """Start the `criu lazy-pages` daemon a `criu restore --lazy-pages` in workdir hands its
     userfaultfds to; returns once it listens. The daemon serves each fault from the page images
     (reads of the mount, which fetch and verify their chunks), then copies every remaining page
     in the background and exits: its life is bounded by the restored tree's (a tree that exits
     closes the userfaultfds). It runs in a process group of its own so that a Ctrl-C of
-    fastboot does not take it away from a tree still being filled; a thread reaps it."""
+    fastboot does not take it away from a tree still being filled."""
     log = workdir / "lazy-pages.log"
     command = [criu.path, "lazy-pages", "--images-dir", str(images), "--work-dir", str(workdir)]
     command += ["--log-file", str(log), "-v4"]
@@ -328,16 +369,7 @@ def start_lazy_pages(criu: Criu, images: Path, workdir: Path, timeout: float = 1
             kill_tree(proc)
             raise CriuError("lazy-pages", _first_error(log, "did not start"), log)
         time.sleep(0.002)
-
-    def reap() -> None:
-        code = proc.wait()
-        took = time.monotonic() - started
-        if code == 0:
-            logger.info("criu lazy-pages copied every page in %.2f s", took)
-        else:
-            logger.warning("criu lazy-pages failed after %.2f s: %s", took, _first_error(log, ""))
-
-    threading.Thread(target=reap, name="criu-lazy-pages", daemon=True).start()
+    return LazyPages(proc, log, started)
 
 
 def kill_unadopted(workdir: Path) -> None:

@@ -7,6 +7,7 @@ import io
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -144,12 +145,29 @@ def test_a_lazy_pages_daemon_that_never_listens_is_an_error_and_killed(tmp_path:
     _assert_gone([int((tmp_path / "daemon.pid").read_text())])
 
 
-def test_a_listening_lazy_pages_daemon_is_left_to_finish_and_reaped(tmp_path: Path) -> None:
-    fake = _fake_lazy_pages(tmp_path, f'touch "$W/{criu.LAZY_PAGES_SOCKET}"; sleep 0.3')
-    criu.start_lazy_pages(fake, tmp_path, tmp_path, timeout=5)
+@pytest.mark.parametrize("status", [0, 3])
+def test_a_lazy_pages_daemon_is_reaped_and_a_failed_one_takes_its_tree_down(
+    tmp_path: Path, status: int
+) -> None:
+    fake = _fake_lazy_pages(
+        tmp_path, f'touch "$W/{criu.LAZY_PAGES_SOCKET}"; sleep 0.3; exit {status}'
+    )
+    lazy = criu.start_lazy_pages(fake, tmp_path, tmp_path, timeout=5)
     pid = int((tmp_path / "daemon.pid").read_text())
     assert stat_fields(pid) is not None  # still serving pages when the restore would start
-    deadline = time.monotonic() + 10
-    while _state(pid) is not None:  # exits on its own and is reaped: not even a zombie stays
-        assert time.monotonic() < deadline, f"daemon {pid} is {_state(pid)}"
-        time.sleep(0.02)
+    tree = subprocess.Popen(["sleep", "60"])  # stands in for the restored root, our child
+    try:
+        lazy.watch(tree.pid)
+        deadline = time.monotonic() + 10
+        while _state(pid) is not None:  # exits on its own and is reaped: not even a zombie stays
+            assert time.monotonic() < deadline, f"daemon {pid} is {_state(pid)}"
+            time.sleep(0.02)
+        if status:  # pages never delivered would read as zeros: the tree must not live on
+            assert tree.wait(10) == -signal.SIGKILL
+        else:
+            for reaper in [t for t in threading.enumerate() if t.name == "criu-lazy-pages"]:
+                reaper.join(10)  # done with this daemon: it must have left the tree alone
+            assert tree.poll() is None
+    finally:
+        tree.kill()
+        tree.wait()
