@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -182,7 +183,8 @@ def test_chunks_corrupted_on_the_remote_fail_the_replica_before_it_serves(
         done = wait_finished(agent, replica["id"])
         assert done["state"] == "failed", done
         if mode == "copy":
-            assert "does not match its digest" in str(done["error"]), done
+            # A flipped byte of a compressed chunk may already break its zstd frame.
+            assert re.search("does not match its digest|does not decompress", done["error"]), done
         else:  # the daemon refused the chunk (EIO): the engine faulted or criu failed
             mounts = fresh_home / "images" / "mounts"
             daemon_logs = "".join(p.read_text() for p in mounts.glob("*.log"))
