@@ -51,6 +51,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.boot_latency import log_since, timed_boot  # noqa: E402
 from benchmarks.imagefs_bench import drop_cache  # noqa: E402
+from fastboot.imagefs.build import build  # noqa: E402
+from fastboot.imagefs.store import ImageStore  # noqa: E402
 from fastboot.imagefs.testing import Nginx  # noqa: E402
 from fastboot.models.tiny import cpu_serve_flags, write_tiny_llama  # noqa: E402
 from fastboot.serve import free_port  # noqa: E402
@@ -235,10 +237,14 @@ def set_up(work: Path, size: str, dedup: bool) -> dict[str, Any]:
     return out
 
 
-def push(snapshot_id: str, served: Path, home: dict[str, str]) -> dict[str, Any]:
+def push(
+    snapshot_id: str, served: Path, home: dict[str, str], snapshots: Path | None = None
+) -> dict[str, Any]:
+    """`fastboot snapshot push` (from snapshots, else home's snapshot directory), timed."""
     start = time.monotonic()
+    where = ["--dir", str(snapshots)] if snapshots else []
     done = subprocess.run(
-        fastboot("snapshot", "push", snapshot_id, "--to", str(served)),
+        fastboot("snapshot", *where, "push", snapshot_id, "--to", str(served)),
         env={**os.environ, **home},
         capture_output=True,
         text=True,
@@ -438,9 +444,6 @@ def env_host(work: Path, name: str) -> tuple[dict[str, str], Path]:
 def env_set_up(work: Path, flags: list[str], port: int, model: str, log: Path) -> dict[str, Any]:
     """Host A with the engine run from an env image (this virtual environment): build and push
     the image, cold boot from it (snapshot), push the snapshot."""
-    from fastboot.imagefs.build import build
-    from fastboot.imagefs.store import ImageStore
-
     home, snapshots = env_host(work, "env-a")
     store = ImageStore(Path(home["FASTBOOT_IMAGE_STORE"]))
     started = time.monotonic()
@@ -454,16 +457,7 @@ def env_set_up(work: Path, flags: list[str], port: int, model: str, log: Path) -
     )
     (manifest,) = [m for m in Store(snapshots).list() if isinstance(m, Manifest)]
     out["snapshot"] = {"id": manifest.id, "bytes": manifest.total_bytes}
-    done = subprocess.run(
-        fastboot(
-            "snapshot", "--dir", str(snapshots), "push", manifest.id, "--to", str(work / "served")
-        ),
-        env={**os.environ, **home},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    out["push_line"] = done.stdout.strip()
+    out["push_line"] = push(manifest.id, work / "served", home, snapshots)["line"]
     return out
 
 

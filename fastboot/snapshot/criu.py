@@ -339,10 +339,7 @@ class LazyPages:
                 logger.info("criu lazy-pages copied every page in %.2f s", took)
                 return
             why = _first_error(self.log, f"exit status {code}")
-            fields = stat_fields(tree_pid)
-            if fields is not None and int(fields[1]) == os.getpid():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(tree_pid, signal.SIGKILL)
+            if _kill_our_child(tree_pid):
                 why += "; the restored engine it was filling was killed"
             logger.error("criu lazy-pages failed after %.2f s: %s", took, why)
 
@@ -381,10 +378,16 @@ def kill_unadopted(workdir: Path) -> None:
         pid = int((workdir / RESTORED_PIDFILE).read_text().strip())
     except (OSError, ValueError):
         return
+    if _kill_our_child(pid):
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
+def _kill_our_child(pid: int) -> bool:
+    """SIGKILL pid if it is our child (so not a recycled pid); whether it was. Not reaped."""
     fields = stat_fields(pid)
     if fields is None or int(fields[1]) != os.getpid():
-        return
+        return False
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)
+    return True
