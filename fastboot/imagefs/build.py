@@ -1,7 +1,10 @@
 """Build an image from a directory: scan, chunk, deduplicate, pack, index, publish.
 
 Files of at most one chunk are stored whole; larger files in fixed-size pieces (4 MiB; 256 KiB
-for ELF files, which are paged in at scattered places), compressed with zstd where that pays. A
+for ELF files, which are paged in at scattered places), or, for the names the caller lists as
+content-defined (CRIU page images), in pieces cut where their pages say (imagefs/cdc.py), so
+that another snapshot's equal runs of pages are equal chunks; compressed with zstd where that
+pays. A
 chunk whose BLAKE3 is already in the store (from any image) is referenced, not stored again. New
 chunks are appended to pack files in path order (files of one directory sit together, so a
 prefetch of neighbouring files coalesces into one ranged GET). The packs, then the index, then
@@ -24,6 +27,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from fastboot.errors import ImageFSError, UsageError
+from fastboot.imagefs import cdc
 from fastboot.imagefs import index as ix
 from fastboot.imagefs.store import (
     PACK_TABLE_DTYPE,
@@ -133,19 +137,23 @@ def build(
     compress: bool = True,
     pack_size: int = DEFAULT_PACK_SIZE,
     progress: bool | None = None,
+    content_defined: tuple[str, ...] = (),
 ) -> ImageRef:
     """Build image `name` from directory `source` into `store` and publish its ref.
 
     ELF files (shared libraries, executables) get `small_chunk_size` chunks: they are mapped and
     paged in at scattered places, so small chunks fetch less around each fault. Everything
     else gets `chunk_size` chunks. With `compress`, chunks that zstd shrinks are stored
-    compressed (the remote sends fewer bytes); the SSD cache keeps them raw.
+    compressed (the remote sends fewer bytes); the SSD cache keeps them raw. Files whose base
+    name matches a `content_defined` pattern (cdc.PAGE_IMAGES for snapshots) are cut by
+    content instead, in chunks of at most `chunk_size`.
     """
     _check_arguments(source, name, chunk_size, small_chunk_size)
     store.ensure()
     started = time.monotonic()
     tree = _Tree.scan(source)
     chunker = _Chunker(store, chunk_size, small_chunk_size, pack_size, compress)
+    chunker.content_defined = content_defined
     show = sys.stderr.isatty() if progress is None else progress
     with progress_bar(show, tree.total_bytes, name) as advance:
         chunker.chunk_files(tree, advance)
@@ -311,6 +319,8 @@ class _Chunker:
         self._fresh: dict[bytes, tuple[object, int, int, int, int]] = {}
         self._writers: list[PackWriter] = []
         self._buf = bytearray(max(chunk_size, small_chunk_size))
+        self.content_defined: tuple[str, ...] = ()
+        """Name patterns of the files cut by content (cdc.py) rather than in fixed sizes."""
 
     def chunk_files(self, tree: _Tree, advance: Advance) -> None:
         """Chunk every stored file of tree, filling its chunk columns in `tree.entries`; then
@@ -332,6 +342,8 @@ class _Chunker:
 
     def _chunk_file(self, path: bytes, size: int, advance: Advance) -> tuple[int, int]:
         """(chunk shift, chunk count) of one file; ImageFSError if it changed meanwhile."""
+        if size > self.chunk_size and cdc.content_defined(path, self.content_defined):
+            return self._cut_file(path, size, advance)
         count = 0
         with open(path, "rb", buffering=0) as f:
             cs = self.small_chunk_size if f.read(4) == ELF_MAGIC else self.chunk_size
@@ -348,6 +360,23 @@ class _Chunker:
                 "build again from a directory nothing writes to"
             )
         return cs.bit_length() - 1, count
+
+    def _cut_file(self, path: bytes, size: int, advance: Advance) -> tuple[int, int]:
+        """(ix.VARIABLE, chunk count) of a file cut by content."""
+        count = read = 0
+        cutter = cdc.PageCutter(max_pages=self.chunk_size // cdc.PAGE)
+        with open(path, "rb", buffering=0) as f:
+            for piece in cdc.chunks(f, cutter=cutter):
+                self.rows.append(self._chunk(piece))
+                count += 1
+                read += len(piece)
+                advance(len(piece))
+        if read != size:
+            raise ImageFSError(
+                f"{os.fsdecode(path)} changed while the image was being built; "
+                "build again from a directory nothing writes to"
+            )
+        return ix.VARIABLE, count
 
     def _chunk(self, data: memoryview) -> _ChunkRow:
         """The row of one chunk, appending it to a pack unless the store or this build has it."""

@@ -217,7 +217,7 @@ class PageCache:
                 return
             self.known.add(entry)
         try:
-            offset = chunk * self.index.chunk_size_of(entry)
+            offset = self.index.chunk_offset(entry, chunk)
             pyfuse3.notify_store(entry + 1, offset, data)  # type: ignore[arg-type]  # any buffer
             self.stored += len(data)
         except OSError as exc:

@@ -245,7 +245,7 @@ class ImageOperations(pyfuse3.Operations):
         if off >= end:
             return b""
         cs = self.index.chunk_size_of(entry)
-        first, last = off // cs, (end - 1) // cs
+        first, last = self.index.chunk_at(entry, off), self.index.chunk_at(entry, end - 1)
         # The kernel may send a stream's reads slightly out of order (concurrent readahead):
         # a stream goes on with any read within a readahead window of its furthest read.
         window = self.readahead_chunks * cs
@@ -276,8 +276,9 @@ class ImageOperations(pyfuse3.Operations):
         for k in range(first, last + 1):
             ref = self.index.file_chunk(entry, k)
             data = await self.tiers.get(ref, keep=keep)
-            parts.append(memoryview(data)[max(off - k * cs, 0) : min(end - k * cs, len(data))])
-            if sequential and end >= min((k + 1) * cs, file_size):
+            at = self.index.chunk_offset(entry, k)
+            parts.append(memoryview(data)[max(off - at, 0) : min(end - at, len(data))])
+            if sequential and end >= at + ref.raw_length:
                 # read to the chunk's end: the page cache has it now (RamCache.demote)
                 self.tiers.ram.demote(ref.digest)
         out: Any = parts[0] if len(parts) == 1 else b"".join(parts)

@@ -7,7 +7,8 @@ Layout (little-endian; every section is a packed numpy structured array or raw b
     chunks   CHUNK_DTYPE[m]  (digest of the raw bytes, pack number, offset and length in the pack,
                              raw length, codec: 0 raw, 1 zstd); a file's chunks are contiguous:
                              entries.chunk_start .. + chunk_count, each 2**chunk_shift raw bytes
-                             (the last one shorter)
+                             (the last one shorter), or, where chunk_shift is 0, each its own
+                             raw length (content-defined chunks: imagefs/cdc.py)
     packs    32-byte digests of the pack files the chunks live in (chunk.pack indexes this)
     strings  names, symlink targets, xattr names and values, referenced by (offset, length)
     xattrs   XATTR_DTYPE[k]  a file's xattrs are contiguous: entries.xattr_start .. + xattr_count
@@ -40,7 +41,11 @@ ChunkDigest = NewType("ChunkDigest", bytes)
 """The 32-byte BLAKE3 digest of a chunk's bytes."""
 
 MAGIC = b"FBIMGIX1"
-VERSION = 1
+VERSION = 2
+"""2 added variable-size chunks (chunk_shift 0); 1 is read as before."""
+READS_VERSIONS = (1, 2)
+VARIABLE = 0
+"""The chunk_shift of a file cut into content-defined chunks of varying raw lengths."""
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 SECTIONS = ("entries", "chunks", "packs", "strings", "xattrs", "meta")
 _HEADER = struct.Struct("<8sII" + "QQ" * len(SECTIONS))
@@ -159,9 +164,10 @@ class ImageIndex:
                 f"{origin} is not a fastboot image index (magic {magic!r}); "
                 "build or pull the image again"
             )
-        if version != VERSION:
+        if version not in READS_VERSIONS:
             raise ImageCorruptError(
-                f"{origin} has index format {version}, this fastboot reads {VERSION}; "
+                f"{origin} has index format {version}, this fastboot reads "
+                f"{' and '.join(map(str, READS_VERSIONS))}; "
                 "rebuild the image with this version"
             )
         if chunk_size <= 0:
@@ -194,6 +200,10 @@ class ImageIndex:
         except ValueError as exc:
             raise ImageCorruptError(f"{origin} has unreadable metadata ({exc})") from exc
         self._pack_hex: list[str | None] = [None] * len(self.pack_digests)
+        self._starts = np.zeros(len(self.chunks) + 1, dtype=np.uint64)
+        """Raw bytes before each chunk in chunk-table order: a file's chunk k starts at
+        _starts[chunk_start + k] - _starts[chunk_start] (how variable-size chunks are found)."""
+        np.cumsum(self.chunks["raw_length"], dtype=np.uint64, out=self._starts[1:])
         self._validate()
 
     @classmethod
@@ -232,6 +242,9 @@ class ImageIndex:
             slen = len(self.strings)
             is_dir = (e["mode"] & 0o170000) == stat.S_IFDIR
             is_reg = (e["mode"] & 0o170000) == stat.S_IFREG
+            variable = is_reg & (e["chunk_shift"] == VARIABLE)
+            fixed = is_reg & ~variable
+            in_table = is_reg & (e["chunk_start"] + e["chunk_count"] <= len(self.chunks))
             checks = {
                 "inode": e["ino"] >= n,
                 "parent": e["parent"] >= n,
@@ -239,13 +252,14 @@ class ImageIndex:
                 "target": e["target_off"] + e["target_len"] > slen,
                 "children": is_dir & (e["child_start"].astype(np.uint64) + e["child_count"] > n),
                 "chunks": is_reg & (e["chunk_start"] + e["chunk_count"] > len(self.chunks)),
-                "chunk size": is_reg & ((e["chunk_shift"] < 12) | (e["chunk_shift"] > 30)),
-                "chunk count": is_reg
+                "chunk size": fixed & ((e["chunk_shift"] < 12) | (e["chunk_shift"] > 30)),
+                "chunk count": fixed
                 & (
                     e["chunk_count"].astype(np.uint64)
                     != (e["size"] + (np.uint64(1) << e["chunk_shift"].astype(np.uint64)) - 1)
                     >> e["chunk_shift"].astype(np.uint64)
                 ),
+                "chunk lengths": variable & (self._file_raw_bytes(in_table) != e["size"]),
                 "xattrs": e["xattr_start"].astype(np.uint64) + e["xattr_count"] > len(self.xattrs),
             }
             bad += [
@@ -258,6 +272,8 @@ class ImageIndex:
                 bad.append("pack reference")
             if len(c) and ((c["codec"] > CODEC_ZSTD) | (c["raw_length"] > 1 << 30)).any():
                 bad.append("chunk codec")
+            if len(c) and (c["raw_length"] == 0).any():
+                bad.append("empty chunk")
             x = self.xattrs
             if len(x) and (
                 (x["name_off"] + x["name_len"] > slen).any()
@@ -269,6 +285,13 @@ class ImageIndex:
                 f"{self.origin} is malformed (bad {', '.join(bad)}); "
                 "remove the image and build or pull it again"
             )
+
+    def _file_raw_bytes(self, ok: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        """Per entry, the raw bytes of its chunks (0 where ok is false: out of the table)."""
+        e = self.entries
+        start = np.where(ok, e["chunk_start"], 0).astype(np.int64)
+        stop = start + np.where(ok, e["chunk_count"], 0).astype(np.int64)
+        return self._starts[stop] - self._starts[start]
 
     # -- entries ---------------------------------------------------------------------------
 
@@ -372,12 +395,33 @@ class ImageIndex:
         )
 
     def file_chunk(self, entry: int, k: int) -> ChunkRef:
-        """Chunk k (raw bytes [k * chunk_size_of(entry), ...)) of regular file `entry`."""
+        """Chunk k (raw bytes [chunk_offset(entry, k), ...)) of regular file `entry`."""
         return self.chunk(int(self.entries["chunk_start"][entry]) + k)
 
+    def chunk_offset(self, entry: int, k: int) -> int:
+        """Where chunk k of regular file `entry` starts in the file (k may be chunk_count)."""
+        e = self.entries[entry]
+        shift = int(e["chunk_shift"])
+        if shift != VARIABLE:
+            return min(k << shift, int(e["size"]))
+        start = int(e["chunk_start"])
+        return int(self._starts[start + k] - self._starts[start])
+
+    def chunk_at(self, entry: int, offset: int) -> int:
+        """The chunk of regular file `entry` that holds byte `offset` (< its size)."""
+        e = self.entries[entry]
+        shift = int(e["chunk_shift"])
+        if shift != VARIABLE:
+            return offset >> shift
+        start = int(e["chunk_start"])
+        ends = self._starts[start + 1 : start + 1 + int(e["chunk_count"])]
+        return int(np.searchsorted(ends, self._starts[start] + np.uint64(offset), "right"))
+
     def chunk_size_of(self, entry: int) -> int:
-        """Raw bytes per chunk of regular file `entry` (its last chunk may be shorter)."""
-        return 1 << int(self.entries["chunk_shift"][entry])
+        """Raw bytes per chunk of regular file `entry` (its last chunk may be shorter); for
+        content-defined chunks, the index's default chunk size, their nominal bound."""
+        shift = int(self.entries["chunk_shift"][entry])
+        return self.chunk_size if shift == VARIABLE else 1 << shift
 
     def chunk_count(self, entry: int) -> int:
         return int(self.entries["chunk_count"][entry])

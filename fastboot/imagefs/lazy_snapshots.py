@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from fastboot.errors import ImageCorruptError, ImageFSError
+from fastboot.imagefs import cdc
 from fastboot.imagefs.build import build
 from fastboot.imagefs.index import CODEC_RAW, DEFAULT_CHUNK_SIZE, ChunkRef, ImageIndex
 from fastboot.imagefs.mount import MountOptions
@@ -101,7 +102,13 @@ def push(snapshots: Store, snapshot_id: str, images: ImageStore, dest: Path) -> 
     digests.save()
     images.ensure()
     before = _pack_bytes(images)
-    ref = build(images, snapshots.path(snapshot_id), image_name(snapshot_id), progress=False)
+    ref = build(
+        images,
+        snapshots.path(snapshot_id),
+        image_name(snapshot_id),
+        progress=False,
+        content_defined=cdc.PAGE_IMAGES,
+    )
     added = _pack_bytes(images) - before
     # The files were verified just before the build read them, and published snapshots are
     # immutable; this binds the manifest's digests to the index's chunk digests.
@@ -493,12 +500,11 @@ def _fetch_files(index: ImageIndex, client: RemoteClient, root: Path, threads: i
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = _open_direct(path)
             fds.append((fd, index.size(entry)))
-            step = index.chunk_size_of(entry)
             for k in range(index.chunk_count(entry)):
                 ref = index.file_chunk(entry, k)
                 if not _is_zeros(ref):
                     refs.setdefault(ref.digest, ref)
-                    places.setdefault(ref.digest, []).append((fd, k * step))
+                    places.setdefault(ref.digest, []).append((fd, index.chunk_offset(entry, k)))
         buffers = _Buffers()
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
             spans = plan(list(refs.values()))

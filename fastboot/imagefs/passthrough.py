@@ -332,7 +332,7 @@ class Passthrough:
             # right after a read must not fail for this (it retries a busy unmount briefly).
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                got = os.preadv(fd, [data], k * self.index.chunk_size_of(entry))
+                got = os.preadv(fd, [data], self.index.chunk_offset(entry, k))
             finally:
                 os.close(fd)
             if got != ref.raw_length or digest_of(data) != ChunkDigest(ref.digest):
