@@ -23,8 +23,10 @@ until its first answer. Also: what the snapshot adds to a store that already hol
 snapshot of the same model (`--dedup`: a second snapshot on another port).
 
     .venv/bin/python benchmarks/fresh_host.py [--size tiny|1gib] [--dedup] [--rounds N] [--keep]
+    .venv/bin/python benchmarks/fresh_host.py [--size tiny|1gib] --dedup-only
 
-Writes benchmarks/results/fresh_host[_1gib].json and .png.
+Writes benchmarks/results/fresh_host[_1gib].json and .png (--dedup-only: host A's two
+snapshots and pushes only, fresh_host_dedup[_1gib].json).
 """
 
 from __future__ import annotations
@@ -109,6 +111,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=("tiny", "1gib"), default="tiny")
     parser.add_argument("--dedup", action="store_true", help="also push a second snapshot")
+    parser.add_argument(
+        "--dedup-only", action="store_true", help="only the two snapshots and what each adds"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (GBs)")
     parser.add_argument(
         "--reuse", type=Path, help="a work directory kept by --keep: skip host A and the push"
@@ -133,6 +138,8 @@ def main() -> int:
     try:
         if args.env_image:
             return bench_env(work, args.size)
+        if args.dedup_only:
+            return bench_dedup(work, args.size)
         return bench(work, args.size, args.dedup, args.reuse is not None, only, args.rounds)
     finally:
         if args.keep or args.reuse:
@@ -168,6 +175,25 @@ def bench(
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1) + "\n")
     plot(out, RESULTS / f"{name}.png")
+    return 0
+
+
+def bench_dedup(work: Path, size: str) -> int:
+    """Two snapshots of one model pushed into one store (--dedup-only): what the second adds."""
+    out = set_up(work, size, dedup=True)
+    first, second = out["push"], out["dedup"]
+    out["second_adds_share"] = second["new_gb"] / second["stored_gb"]
+    out["page_ceiling_share"] = second["pages"]["shared_share"]
+    out["loadavg_at_end"] = os.getloadavg()
+    print(
+        f"first snapshot: {first['files_gb']:.2f} GB of files, {first['new_gb']:.2f} GB stored; "
+        f"second: {second['files_gb']:.2f} GB of files, {second['stored_gb']:.2f} GB stored, "
+        f"{second['new_gb']:.2f} GB of it new ({100 * out['second_adds_share']:.1f}%); "
+        f"pages any chunking could share: {100 * second['pages']['shared_share']:.1f}%"
+    )
+    name = "fresh_host_dedup" if size == "tiny" else f"fresh_host_dedup_{size}"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1) + "\n")
     return 0
 
 

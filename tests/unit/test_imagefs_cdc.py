@@ -21,6 +21,7 @@ from fastboot.imagefs.fs import ImageOperations
 from fastboot.imagefs.metrics import Metrics
 from fastboot.imagefs.store import ImageStore
 from fastboot.imagefs.tiers import Tiers
+from tests.unit.test_imagefs_index import reencoded
 
 PAGE = cdc.PAGE
 
@@ -119,17 +120,8 @@ def test_a_file_whose_chunks_do_not_add_up_is_refused(
     chunks = index.chunks.copy()
     entry = index.resolve("images/pages-1.img") or 0
     chunks["raw_length"][int(index.entries["chunk_start"][entry])] -= PAGE
-    blob = ix.encode(
-        index.entries.copy(),
-        chunks,
-        [p.tobytes() for p in index.pack_digests],
-        bytes(index.strings),
-        index.xattrs.copy(),
-        {},
-        index.chunk_size,
-    )
     with pytest.raises(ImageCorruptError, match="bad chunk lengths"):
-        ix.ImageIndex(blob)
+        ix.ImageIndex(reencoded(index, chunks=chunks))
 
 
 def test_reads_across_variable_chunks_return_the_file(

@@ -72,6 +72,23 @@ def test_compressible_chunks_are_stored_compressed(
     assert rnd.codec == ix.CODEC_RAW and rnd.length == rnd.raw_length
 
 
+def reencoded(
+    index: ix.ImageIndex,
+    entries: np.ndarray | None = None,  # type: ignore[type-arg]
+    chunks: np.ndarray | None = None,  # type: ignore[type-arg]
+) -> bytes:
+    """The blob of `index` with its entry or chunk table replaced (to mangle one field)."""
+    return ix.encode(
+        index.entries.copy() if entries is None else entries,
+        index.chunks.copy() if chunks is None else chunks,
+        [p.tobytes() for p in index.pack_digests],
+        bytes(index.strings),
+        index.xattrs.copy(),
+        {},
+        index.chunk_size,
+    )
+
+
 def blob_of(store: ImageStore, index: ix.ImageIndex) -> bytes:
     return next((store.root / "index").iterdir()).read_bytes()
 
@@ -101,17 +118,8 @@ def test_references_out_of_range_are_rejected(
     entries = index.entries.copy()
     directory = index.resolve("d") or 0
     entries["child_count"][directory] = 10_000
-    blob = ix.encode(
-        entries,
-        index.chunks.copy(),
-        [p.tobytes() for p in index.pack_digests],
-        bytes(index.strings),
-        index.xattrs.copy(),
-        {},
-        index.chunk_size,
-    )
     with pytest.raises(ImageCorruptError, match="bad children"):
-        ix.ImageIndex(blob)
+        ix.ImageIndex(reencoded(index, entries=entries))
 
 
 def test_digest_mismatch_is_rejected(
