@@ -114,10 +114,25 @@ def check_criu() -> Check:
 def page_mapping(found: criu_mod.Criu) -> str:
     """How restores fill memory: mapped page images (fastboot's CRIU patch) or copies."""
     if not found.maps_pages:
-        return "restores copy pages (no fastboot patch; `fastboot install-criu` builds it)"
+        amx = (
+            "; on this AMX CPU, engines whose kernels used AMX die at their first request "
+            "after a restore (falling back to cold boots)"
+            if _has_amx()
+            else ""
+        )
+        return f"restores copy pages{amx} (no fastboot patch; `fastboot install-criu` builds it)"
     if envs.copy_pages():
         return "restores copy pages (FASTBOOT_COPY_PAGES is set)"
     return "restores map page images copy-on-write (fastboot patch)"
+
+
+def _has_amx() -> bool:
+    """Whether the CPU has AMX tiles (then restores need the patch's AMX permission)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " amx_tile" in f.read()
+    except OSError:
+        return False
 
 
 def check_io_uring() -> Check:
