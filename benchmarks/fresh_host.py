@@ -23,10 +23,10 @@ until its first answer. Also: what the snapshot adds to a store that already hol
 snapshot of the same model (`--dedup`: a second snapshot on another port).
 
     .venv/bin/python benchmarks/fresh_host.py [--size tiny|1gib] [--dedup] [--rounds N] [--keep]
-    .venv/bin/python benchmarks/fresh_host.py [--size tiny|1gib] --dedup-only
+    .venv/bin/python benchmarks/fresh_host.py [--size tiny|1gib] --dedup-only [--fixed-layout]
 
 Writes benchmarks/results/fresh_host[_1gib].json and .png (--dedup-only: host A's two
-snapshots and pushes only, fresh_host_dedup[_1gib].json).
+snapshots and pushes only, fresh_host_dedup[_1gib][_fixed_layout].json).
 """
 
 from __future__ import annotations
@@ -100,6 +100,16 @@ def fastboot(*args: str) -> list[str]:
     return [sys.executable, "-m", "fastboot", *args]
 
 
+#: Host A's engines with a fixed address-space layout and hash seed (--fixed-layout): setarch
+#: -R sets ADDR_NO_RANDOMIZE on fastboot, which every process it starts inherits (personality
+#: survives exec), and the engine inherits PYTHONHASHSEED.
+FIXED_LAYOUT: dict[str, Any] = {"prefix": [], "env": {}}
+
+
+def host_a_serve(*flags: str) -> list[str]:
+    return [*FIXED_LAYOUT["prefix"], *fastboot("serve", *flags)]
+
+
 def fresh_home(work: Path, name: str) -> dict[str, str]:
     home = work / name
     shutil.rmtree(home, ignore_errors=True)
@@ -113,6 +123,11 @@ def main() -> int:
     parser.add_argument("--dedup", action="store_true", help="also push a second snapshot")
     parser.add_argument(
         "--dedup-only", action="store_true", help="only the two snapshots and what each adds"
+    )
+    parser.add_argument(
+        "--fixed-layout",
+        action="store_true",
+        help="host A's engines without ASLR and with PYTHONHASHSEED=0 (what dedup could gain)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (GBs)")
     parser.add_argument(
@@ -138,8 +153,10 @@ def main() -> int:
     try:
         if args.env_image:
             return bench_env(work, args.size)
+        if args.fixed_layout:
+            FIXED_LAYOUT.update(prefix=["setarch", "-R"], env={"PYTHONHASHSEED": "0"})
         if args.dedup_only:
-            return bench_dedup(work, args.size)
+            return bench_dedup(work, args.size, args.fixed_layout)
         return bench(work, args.size, args.dedup, args.reuse is not None, only, args.rounds)
     finally:
         if args.keep or args.reuse:
@@ -178,9 +195,10 @@ def bench(
     return 0
 
 
-def bench_dedup(work: Path, size: str) -> int:
+def bench_dedup(work: Path, size: str, fixed_layout: bool) -> int:
     """Two snapshots of one model pushed into one store (--dedup-only): what the second adds."""
     out = set_up(work, size, dedup=True)
+    out["fixed_layout"] = fixed_layout
     first, second = out["push"], out["dedup"]
     out["second_adds_share"] = second["new_gb"] / second["stored_gb"]
     out["page_ceiling_share"] = second["pages"]["shared_share"]
@@ -191,7 +209,8 @@ def bench_dedup(work: Path, size: str) -> int:
         f"{second['new_gb']:.2f} GB of it new ({100 * out['second_adds_share']:.1f}%); "
         f"pages any chunking could share: {100 * second['pages']['shared_share']:.1f}%"
     )
-    name = "fresh_host_dedup" if size == "tiny" else f"fresh_host_dedup_{size}"
+    name = "fresh_host_dedup" + ("" if size == "tiny" else f"_{size}")
+    name += "_fixed_layout" if fixed_layout else ""
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1) + "\n")
     return 0
@@ -242,14 +261,14 @@ def set_up(work: Path, size: str, dedup: bool) -> dict[str, Any]:
     host_a = fresh_home(work, "host-a")
     snapshots_a = Path(host_a["FASTBOOT_HOME"]) / "snapshots"
     first = timed_boot(
-        fastboot("serve", *flags),
+        host_a_serve(*flags),
         port,
         str(model),
         log,
         signal.SIGINT,
         snapshots_a,
         RESTORED,
-        extra_env=host_a,
+        extra_env={**host_a, **FIXED_LAYOUT["env"]},
     )
     cold_line = re.search(r"cold boot ready in ([\d.]+) s", log.read_text())
     assert cold_line, "no cold boot line"
@@ -298,14 +317,14 @@ def second_snapshot(
     snapshots = Path(home["FASTBOOT_HOME"]) / "snapshots"
     before = {m.id for m in Store(snapshots).list() if isinstance(m, Manifest)}
     timed_boot(
-        fastboot("serve", *flags),
+        host_a_serve(*flags),
         port,
         str(model),
         log,
         signal.SIGINT,
         None,
         RESTORED,
-        extra_env=home,
+        extra_env={**home, **FIXED_LAYOUT["env"]},
     )
     (new,) = [m for m in Store(snapshots).list() if isinstance(m, Manifest) and m.id not in before]
     (old,) = before
