@@ -17,7 +17,6 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +83,6 @@ def run(config: DaemonConfig) -> int:
     through = _passthrough(config, store, index, tiers, metrics)
     ops = ImageOperations(index, tiers, metrics, recorder, config.readahead_chunks, through)
     pyfuse3.init(ops, config.mountpoint, _fuse_options(config))
-    writes = DeferredWrites(tiers.keep, ops.idle_s)
     terminated = False
 
     def save() -> None:
@@ -96,7 +94,6 @@ def run(config: DaemonConfig) -> int:
         nonlocal terminated
         async with trio.open_nursery() as nursery:
             tiers.nursery = nursery
-            writes.bind(nursery)
 
             async def on_signals() -> None:
                 nonlocal terminated
@@ -115,9 +112,7 @@ def run(config: DaemonConfig) -> int:
             async def replay() -> None:
                 if profile is not None:
                     pages = PageCache(config.mountpoint, index)
-                    await _replay(
-                        profile, index, tiers, through, config.prefetch_rate, pages, writes
-                    )
+                    await _replay(profile, index, tiers, through, config.prefetch_rate, pages)
                     logger.info("prefetch put %.1f MB into the page cache", pages.stored / 1e6)
 
             async def ready() -> None:
@@ -144,7 +139,6 @@ def run(config: DaemonConfig) -> int:
             nursery.start_soon(every_second)
             nursery.start_soon(ready)
             await pyfuse3.main()
-            await writes.finish()
             if through is not None:
                 await through.drain()
             await tiers.drain()
@@ -241,78 +235,25 @@ async def _replay(
     through: passthrough.Passthrough | None,
     rate: int,
     pages: PageCache,
-    writes: DeferredWrites,
 ) -> None:
     """Replay the prefetch profile, less the files kept whole (read from local disk: nothing of
-    them to fetch), into the page cache, then (deferred) into the SSD cache."""
+    them to fetch), into the SSD cache and the page cache."""
     if through is not None:
         kept = await trio.to_thread.run_sync(through.kept_entries)
         rows = rows[~np.isin(rows["entry"], kept)]
     if len(rows):
         unwritten: list[tuple[ChunkRef, Blob]] = []
         await prefetch.replay(index, rows, tiers, rate, put=pages.put, unwritten=unwritten)
-        # the SSD cache, for the next mount on this host (the page cache has them now)
-        writes.start(unwritten)
+        # now the SSD cache, for the next mount on this host (the page cache has them now)
+        trio.lowlevel.spawn_system_task(_write_cache, tiers, unwritten)
 
 
-QUIET_S = 0.5
-"""A mount is quiet once no request has reached the daemon for this long."""
-MAX_DEFER_S = 10.0
-"""The longest prefetched chunks wait for a quiet mount before they are written anyway."""
+async def _write_cache(tiers: Tiers, chunks: list[tuple[ChunkRef, Blob]]) -> None:
+    def write() -> None:
+        for ref, data in chunks:
+            tiers.keep(ref, data)
 
-
-class DeferredWrites:
-    """The replay's chunks written to the SSD cache once the mount is quiet (no request for
-    QUIET_S), after MAX_DEFER_S at the latest, or at unmount (`finish`), whichever is first.
-
-    Why: written right after the replay, the 1,500 cache files of `import torch`'s profile
-    (179 MB, O_DIRECT) took 1.2 s of a worker thread while the import, which started with the
-    replay, was still running on this 2-vCPU host: the cold import with the profile took 2.98 s
-    with the writes right after the replay and 2.61 s with them 10 s later (medians of 4
-    alternating rounds, local 1.65 s); `imagefs_bench.py --torch` then gave 2.45 s against local
-    1.59 s (1.54x; 2.28x before, on a busier host; docs/imagefs.md). The page cache of the
-    mount already has the chunks, so nothing reads them from the SSD cache before the next
-    mount."""
-
-    def __init__(self, keep: Callable[[ChunkRef, Blob], None], idle_s: Callable[[], float]):
-        self._keep = keep
-        self._idle_s = idle_s
-        self._nursery: trio.Nursery | None = None
-        self._now = trio.Event()
-        self._done: trio.Event | None = None
-        self.written = 0
-
-    def bind(self, nursery: trio.Nursery) -> None:
-        self._nursery = nursery
-
-    def start(self, chunks: list[tuple[ChunkRef, Blob]]) -> None:
-        """Write these verified chunks in the background, when the mount is quiet."""
-        assert self._nursery is not None
-        done = self._done = trio.Event()
-        self._nursery.start_soon(self._run, chunks, done)
-
-    async def finish(self, deadline_s: float = 30.0) -> None:
-        """At unmount: write what waits now, and wait for it (at most deadline_s)."""
-        self._now.set()
-        if self._done is not None:
-            with trio.move_on_after(deadline_s):
-                await self._done.wait()
-
-    async def _run(self, chunks: list[tuple[ChunkRef, Blob]], done: trio.Event) -> None:
-        with trio.move_on_after(MAX_DEFER_S):
-            while not self._now.is_set() and (idle := self._idle_s()) < QUIET_S:
-                with trio.move_on_after(QUIET_S - idle):
-                    await self._now.wait()
-
-        def write() -> None:
-            for ref, data in chunks:
-                self._keep(ref, data)
-            self.written += len(chunks)
-
-        try:
-            await trio.to_thread.run_sync(write)
-        finally:
-            done.set()
+    await trio.to_thread.run_sync(write)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,6 @@ import functools
 import logging
 import os
 import stat
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -46,7 +45,6 @@ def handler(fn: F) -> F:
 
     @functools.wraps(fn)
     async def wrapper(self: ImageOperations, *args: Any) -> Any:
-        self.last_request = time.monotonic()
         self.metrics.ops.labels(op).inc()
         try:
             return await fn(self, *args)
@@ -113,12 +111,6 @@ class ImageOperations(pyfuse3.Operations):
         self._files: dict[int, _OpenFile] = {}
         self._next_fh = 1
         self._has_xattrs = len(index.xattrs) > 0
-        self.last_request = time.monotonic()
-        """When the last request reached a handler (time.monotonic())."""
-
-    def idle_s(self) -> float:
-        """Seconds since the last request (what the daemon's deferred work waits on)."""
-        return time.monotonic() - self.last_request
 
     # -- attributes --------------------------------------------------------------------------
 

@@ -255,10 +255,9 @@ def fetch_span(
     view = memoryview(data)
     got = 0
     for ref in span.chunks:
-        # a view, not a copy: zstd reads it in place, and a raw chunk stays a view of the span
         part = view[ref.offset - span.offset : ref.offset - span.offset + ref.length]
         try:
-            data = tiers.accept_remote(ref, part, write_cache)
+            data = tiers.accept_remote(ref, bytes(part), write_cache)
         except ImageFSError as exc:
             logger.warning("prefetch: %s", exc)
             continue
