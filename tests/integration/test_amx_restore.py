@@ -19,7 +19,13 @@ import pytest
 
 from fastboot.snapshot import criu as criu_mod
 from tests.engine_process import free_port
-from tests.integration.test_page_mapping import ask, kill_and_reap, restore, subreaper
+from tests.integration.test_page_mapping import (
+    ask,
+    dump_holder,
+    kill_and_reap,
+    restore,
+    subreaper,
+)
 
 __all__ = ["subreaper"]  # the fixture, used by name
 
@@ -79,11 +85,7 @@ def test_a_restored_process_keeps_using_amx(tmp_path: Path, subreaper: None) -> 
         permission, dumped = ask(port, deadline_s=60).split()
         if not int(permission) & XTILEDATA:
             pytest.skip("torch's kernels did not ask for AMX on this host")
-        stdio_pipe = os.readlink(f"/proc/{holder.pid}/fd/1")
-        images = tmp_path / "images"
-        (tmp_path / "dump").mkdir()
-        criu_mod.dump(criu, holder.pid, images, tmp_path / "dump")
-        assert holder.wait(timeout=30) != 0  # the dump killed it
+        images, stdio_pipe = dump_holder(criu, holder, tmp_path)
     finally:
         if holder.poll() is None:
             holder.kill()

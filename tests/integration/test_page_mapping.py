@@ -89,6 +89,18 @@ def subreaper() -> Iterator[None]:
         libc.prctl(_PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
+def dump_holder(
+    criu: criu_mod.Criu, holder: subprocess.Popen[bytes], tmp_path: Path
+) -> tuple[Path, str]:
+    """Dump holder into tmp_path/images (which kills it); returns the images and its stdout pipe."""
+    stdio_pipe = os.readlink(f"/proc/{holder.pid}/fd/1")
+    images = tmp_path / "images"
+    (tmp_path / "dump").mkdir()
+    criu_mod.dump(criu, holder.pid, images, tmp_path / "dump")
+    assert holder.wait(timeout=30) != 0  # the dump killed it
+    return images, stdio_pipe
+
+
 def restore(
     criu: criu_mod.Criu, images: Path, workdir: Path, stdio_pipe: str
 ) -> tuple[int, list[str]]:
@@ -124,11 +136,7 @@ def test_mapped_restores_see_the_dump_and_keep_their_writes_private(
     try:
         assert holder.stdout is not None and holder.stdout.readline() == b"ready\n"
         dumped = ask(port)
-        stdio_pipe = os.readlink(f"/proc/{holder.pid}/fd/1")
-        images = tmp_path / "images"
-        (tmp_path / "dump").mkdir()
-        criu_mod.dump(criu, holder.pid, images, tmp_path / "dump")
-        assert holder.wait(timeout=30) != 0  # the dump killed it
+        images, stdio_pipe = dump_holder(criu, holder, tmp_path)
     finally:
         if holder.poll() is None:
             holder.kill()
